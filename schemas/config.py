@@ -1,0 +1,104 @@
+"""The one settings class. Read once at the edge (CLI / worker start) and passed down.
+
+Every field can be set from the environment with the ``BORDERFLOW_`` prefix, e.g.
+``BORDERFLOW_KAFKA_BOOTSTRAP=kafka:9092``. The defaults point at the local stack started by
+``borderflow stack up``; docker-compose.yml sets the same variables for the production path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Where the local stack keeps data, logs and pid files (git-ignored).
+DEFAULT_STACK_DIR = Path(__file__).resolve().parent.parent / ".stack"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BORDERFLOW_", extra="forbid", frozen=True)
+
+    # --- Kafka -------------------------------------------------------------------------
+    kafka_bootstrap: str = "127.0.0.1:19092"
+    #: Passed through to both aiokafka (Faust) and confluent-kafka.
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    #: Prepended to every topic name; tests use it to isolate runs on one broker.
+    topic_prefix: str = ""
+    topic_partitions: int = Field(default=4, ge=1)
+
+    # --- Faust worker --------------------------------------------------------------------
+    app_id: str = "borderflow"
+    #: ``memory://`` (state rebuilt from changelog topics at start) or ``rocksdb://``.
+    store: str = "memory://"
+    worker_web_port: int = 16066
+    #: Micro-batch: at most this many events, waiting at most ``batch_within_s`` seconds.
+    batch_max_events: int = Field(default=1000, ge=1)
+    batch_within_s: float = Field(default=0.05, gt=0)
+    #: Broker session timeout; Tansu needs a short one for a quick group join.
+    broker_session_timeout_s: float = 6.0
+    broker_heartbeat_interval_s: float = 1.0
+    #: "batched" (production) or "naive" (per-event, the bench's baseline).
+    pipeline: str = "batched"
+
+    # --- Redis ---------------------------------------------------------------------------
+    redis_url: str = "redis://127.0.0.1:16379/0"
+    redis_password: SecretStr | None = None
+    #: Every Redis key starts with this (contract: ``bf:``); tests use their own.
+    redis_prefix: str = "bf:"
+    recs_top_n: int = Field(default=20, ge=1, le=500)
+
+    # --- ClickHouse ----------------------------------------------------------------------
+    clickhouse_host: str = "127.0.0.1"
+    clickhouse_port: int = 19000
+    clickhouse_http_port: int = 18123
+    clickhouse_user: str = "default"
+    clickhouse_password: SecretStr = SecretStr("")
+    clickhouse_database: str = "borderflow"
+    #: Rows are buffered and inserted in one columnar block at this size or age.
+    clickhouse_flush_rows: int = Field(default=20_000, ge=1)
+    clickhouse_flush_interval_s: float = Field(default=1.0, gt=0)
+
+    # --- Fraud ---------------------------------------------------------------------------
+    fraud_alert_threshold: float = Field(default=0.8, ge=0, le=1)
+    #: Labels are applied to the model once payments' event time passes label time + this
+    #: delay, which makes scores independent of how the two topics interleave on arrival.
+    fraud_label_apply_delay_s: float = Field(default=3600.0, ge=0)
+    #: How long (wall clock) a payment batch may wait for the label stream to catch up in
+    #: event time before it is scored anyway (only an idle or absent label stream waits).
+    fraud_label_wait_s: float = Field(default=2.0, ge=0)
+    #: Feature snapshots older than this (event time) are dropped; their labels count as late.
+    fraud_snapshot_ttl_days: float = Field(default=60.0, gt=0)
+
+    # --- Local stack ---------------------------------------------------------------------
+    stack_dir: Path = DEFAULT_STACK_DIR
+
+    def topic(self, name: str) -> str:
+        """The broker-side name of contract topic ``name``."""
+        return f"{self.topic_prefix}{name}"
+
+    @property
+    def redis_port(self) -> int:
+        from urllib.parse import urlparse
+
+        return urlparse(self.redis_url).port or 6379
+
+    @property
+    def kafka_port(self) -> int:
+        return int(self.kafka_bootstrap.rsplit(":", 1)[1])
+
+    def confluent_config(self) -> dict[str, str]:
+        """Security settings for confluent-kafka (librdkafka names)."""
+        config = {"bootstrap.servers": self.kafka_bootstrap}
+        if self.kafka_security_protocol != "PLAINTEXT":
+            config["security.protocol"] = self.kafka_security_protocol
+        if self.kafka_sasl_mechanism:
+            config["sasl.mechanism"] = self.kafka_sasl_mechanism
+            config["sasl.username"] = self.kafka_sasl_username or ""
+            config["sasl.password"] = (
+                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else ""
+            )
+        return config
