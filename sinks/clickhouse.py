@@ -1,0 +1,237 @@
+"""Buffered, columnar ClickHouse writer running in its own thread.
+
+ClickHouse wants few large inserts (about one per second per table), while the agents produce
+small micro-batches many times a second, and clickhouse-driver is synchronous. So agents hand
+rows to :class:`ClickHouseWriter` (a cheap, thread-safe append), and a background thread
+inserts each table's buffer as one columnar block when it reaches ``flush_rows`` rows or
+``flush_interval_s`` seconds of age.
+
+Durability is reported back: ``add(..., on_durable=callback)`` calls ``callback`` once every
+row added *before* it is stored. The Faust agents use that to hold back the commit of source
+offsets until their rows are in ClickHouse (at-least-once). A failing insert is retried with
+exponential backoff and nothing is dropped; the buffer is bounded and ``wait_for_capacity``
+lets producers pause (backpressure) instead of growing without limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from clickhouse_driver import Client
+
+from schemas.config import Settings
+
+log = logging.getLogger(__name__)
+
+#: Column order of every table the pipeline writes (the contract in docs/contracts.md).
+TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "fraud_scores": (
+        "txn_id", "user_id", "card_id", "merchant_id", "ts", "ts_ms", "amount", "currency",
+        "amount_usd", "score", "is_alert", "threshold", "reasons", "model_version",
+        "billing_country", "shipping_country", "ip_country", "scored_at",
+    ),
+    "fraud_labels": ("txn_id", "user_id", "label", "ts", "ts_ms", "source", "ingested_at"),
+    "shipment_events": (
+        "event_id", "order_id", "user_id", "carrier", "origin_country", "dest_country", "status",
+        "ts", "ts_ms", "promised_ts_ms", "location", "ingested_at",
+    ),
+    "events_per_minute": ("minute", "topic", "event_type", "country", "events", "amount_usd"),
+}  # fmt: skip
+
+
+@dataclass
+class _Pending:
+    rows: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
+    callbacks: list[Callable[[], None]] = field(default_factory=list)
+    count: int = 0
+    first_added: float | None = None
+
+
+class ClickHouseWriter:
+    """Thread-backed batch writer. ``client_factory`` exists so unit tests can fake the driver."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client_factory: Callable[[], Any] | None = None,
+        max_buffered_rows: int | None = None,
+    ) -> None:
+        self._settings = settings
+        self._client_factory = client_factory or (lambda: _connect(settings))
+        self._flush_rows = settings.clickhouse_flush_rows
+        self._flush_interval = settings.clickhouse_flush_interval_s
+        self._max_buffered = max_buffered_rows or 20 * settings.clickhouse_flush_rows
+        self._pending = _Pending()
+        self._in_flight_rows = 0
+        self._cond = threading.Condition()
+        self._closing = False
+        self._flush_requested = False
+        self._flushed_generation = 0
+        self._generation = 0
+        self.rows_written = 0
+        self.inserts = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="clickhouse-writer", daemon=True)
+        self._thread.start()
+
+    # -- producer side (event loop) --------------------------------------------------------
+    def add(
+        self,
+        table: str,
+        rows: Sequence[tuple[Any, ...]],
+        on_durable: Callable[[], None] | None = None,
+    ) -> None:
+        """Queue ``rows`` (tuples in TABLE_COLUMNS order) for ``table``; never blocks."""
+        if table not in TABLE_COLUMNS:
+            raise KeyError(f"unknown ClickHouse table {table!r}")
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("ClickHouseWriter is closed")
+            if rows:
+                self._pending.rows.setdefault(table, []).extend(rows)
+                self._pending.count += len(rows)
+                if self._pending.first_added is None:
+                    self._pending.first_added = time.monotonic()
+            if on_durable is not None:
+                self._pending.callbacks.append(on_durable)
+            if self._pending.count >= self._flush_rows:
+                self._cond.notify_all()
+
+    def add_callback(self, on_durable: Callable[[], None]) -> None:
+        """Call ``on_durable`` once everything added so far is stored."""
+        with self._cond:
+            self._pending.callbacks.append(on_durable)
+            if self._pending.first_added is None:
+                self._pending.first_added = time.monotonic()
+
+    @property
+    def buffered_rows(self) -> int:
+        with self._cond:
+            return self._pending.count + self._in_flight_rows
+
+    def has_capacity(self) -> bool:
+        return self.buffered_rows < self._max_buffered
+
+    def wait_for_capacity(self, timeout: float | None = None) -> bool:
+        """Block (call it via ``asyncio.to_thread``) until the buffer is below its bound."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._pending.count + self._in_flight_rows >= self._max_buffered:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Block until every row added before this call is stored; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            target = self._generation + 1
+            self._flush_requested = True
+            self._cond.notify_all()
+            while self._flushed_generation < target:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Flush what is buffered and stop the thread."""
+        self.flush(timeout)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # -- writer thread ---------------------------------------------------------------------
+    def _due(self) -> bool:
+        pending = self._pending
+        if self._flush_requested or self._closing:
+            return True
+        if pending.count >= self._flush_rows:
+            return True
+        return (
+            pending.first_added is not None
+            and time.monotonic() - pending.first_added >= self._flush_interval
+        )
+
+    def _run(self) -> None:
+        client = None
+        backoff = 0.2
+        while True:
+            with self._cond:
+                while not self._due():
+                    wait = self._flush_interval
+                    if self._pending.first_added is not None:
+                        wait = max(0.0, self._pending.first_added + wait - time.monotonic())
+                    self._cond.wait(wait)
+                if self._closing and not self._pending.rows and not self._pending.callbacks:
+                    self._flushed_generation = self._generation + 1
+                    self._cond.notify_all()
+                    return
+                batch, self._pending = self._pending, _Pending()
+                self._in_flight_rows = batch.count
+                self._flush_requested = False
+                self._generation += 1
+                generation = self._generation
+            while True:
+                try:
+                    if client is None:
+                        client = self._client_factory()
+                    for table, rows in batch.rows.items():
+                        _insert_columnar(client, table, rows)
+                        self.inserts += 1
+                        self.rows_written += len(rows)
+                    break
+                except Exception as exc:  # retried forever: dropping rows is never an option
+                    self.failures += 1
+                    self.last_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                    log.warning("ClickHouse insert failed (retry in %.1fs): %s", backoff,
+                                self.last_error)
+                    if client is not None:
+                        try:
+                            client.disconnect()
+                        except Exception:  # noqa: S110 - the connection is already broken
+                            pass
+                    client = None
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
+            backoff = 0.2
+            for callback in batch.callbacks:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("ClickHouse durability callback failed")
+            with self._cond:
+                self._in_flight_rows = 0
+                self._flushed_generation = generation
+                self._cond.notify_all()
+
+
+def _connect(settings: Settings) -> Client:
+    return Client(
+        host=settings.clickhouse_host,
+        port=settings.clickhouse_port,
+        user=settings.clickhouse_user,
+        password=settings.clickhouse_password.get_secret_value(),
+        database=settings.clickhouse_database,
+        connect_timeout=5,
+        send_receive_timeout=60,
+    )
+
+
+def _insert_columnar(client: Any, table: str, rows: list[tuple[Any, ...]]) -> None:
+    columns = TABLE_COLUMNS[table]
+    data = [list(column) for column in zip(*rows, strict=True)]
+    client.execute(
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES", data, columnar=True
+    )

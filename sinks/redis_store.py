@@ -1,0 +1,139 @@
+"""The Redis serving store read by storefronts (keys documented in docs/contracts.md).
+
+Per user, one Lua call writes the profile hash, the recommendation sorted set and its meta
+hash atomically, and refuses to overwrite a state that reflects a *later* event time (feast's
+"no older write" guard): replays and redeliveries can never make a storefront regress.
+All users of a micro-batch go in one non-transactional pipeline: one round trip per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from schemas.config import Settings
+
+# KEYS: profile hash, recs zset, recs meta hash
+# ARGV: event_ts_ms, event_id, updated_at_ms, n_profile_pairs, <profile field, value>...,
+#       then <score, item> pairs for the recs (may be none).
+_WRITE_USER_STATE = """
+local stored = redis.call('HGET', KEYS[3], 'last_event_ts')
+local event_ts = tonumber(ARGV[1])
+if stored and tonumber(stored) > event_ts then
+  return 0
+end
+local n_profile = tonumber(ARGV[4])
+local profile_end = 4 + 2 * n_profile
+if n_profile > 0 then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], unpack(ARGV, 5, profile_end))
+end
+redis.call('DEL', KEYS[2])
+if #ARGV > profile_end then
+  redis.call('ZADD', KEYS[2], unpack(ARGV, profile_end + 1, #ARGV))
+end
+redis.call('HSET', KEYS[3], 'last_event_id', ARGV[2], 'last_event_ts', ARGV[1],
+           'updated_at', ARGV[3])
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class UserState:
+    """What one user's storefront reads, as of the event ``event_id`` at ``event_ts`` ms."""
+
+    user_id: str
+    event_id: str
+    event_ts: int
+    profile: Mapping[str, str | int | float]
+    recs: list[tuple[str, float]]  # (item_id, score), best first
+
+
+class RedisStore:
+    """Async Redis access for the serving keys, under ``settings.redis_prefix`` (``bf:``)."""
+
+    def __init__(self, settings: Settings, client: aioredis.Redis | None = None) -> None:
+        self.prefix = settings.redis_prefix
+        password = settings.redis_password.get_secret_value() if settings.redis_password else None
+        self.client = client or aioredis.Redis.from_url(
+            settings.redis_url, password=password, decode_responses=False
+        )
+        self._write_user_state = self.client.register_script(_WRITE_USER_STATE)
+
+    # -- key names (the contract) -----------------------------------------------------------
+    def recs_key(self, user_id: str) -> str:
+        return f"{self.prefix}recs:{user_id}"
+
+    def recs_meta_key(self, user_id: str) -> str:
+        return f"{self.prefix}recs:{user_id}:meta"
+
+    def profile_key(self, user_id: str) -> str:
+        return f"{self.prefix}profile:{user_id}"
+
+    def stats_key(self) -> str:
+        return f"{self.prefix}stats:processed"
+
+    # -- writes ---------------------------------------------------------------------------------
+    async def write_user_states(
+        self, states: Iterable[UserState], *, updated_at_ms: int, processed: Mapping[str, int]
+    ) -> list[int]:
+        """Write every user's state in one pipeline; returns 1 (written) / 0 (older, skipped).
+
+        ``processed`` adds per-topic event counts to the ``stats:processed`` hash in the same
+        round trip (operators and the bench read it).
+        """
+        pipe = self.client.pipeline(transaction=False)
+        n_states = 0
+        for state in states:
+            args: list[Any] = [state.event_ts, state.event_id, updated_at_ms, len(state.profile)]
+            for field_name, value in state.profile.items():
+                args.append(field_name)
+                args.append(value)
+            for item_id, score in state.recs:
+                args.append(score)
+                args.append(item_id)
+            keys = [
+                self.profile_key(state.user_id),
+                self.recs_key(state.user_id),
+                self.recs_meta_key(state.user_id),
+            ]
+            await self._write_user_state(keys=keys, args=args, client=pipe)
+            n_states += 1
+        self._count_processed(pipe, processed)
+        results = await pipe.execute()
+        return [int(r) for r in results[:n_states]]
+
+    async def count_processed(self, processed: Mapping[str, int]) -> None:
+        if not any(processed.values()):
+            return
+        pipe = self.client.pipeline(transaction=False)
+        self._count_processed(pipe, processed)
+        await pipe.execute()
+
+    def _count_processed(self, pipe: Any, processed: Mapping[str, int]) -> None:
+        for topic, count in processed.items():
+            if count:
+                pipe.hincrby(self.stats_key(), topic, count)
+
+    async def processed_counts(self) -> dict[str, int]:
+        raw = await self.client.hgetall(self.stats_key())
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    # -- reads (the storefront's view; also used by tests and the demo) -------------------------
+    async def read_recs(self, user_id: str, n: int = 20) -> list[tuple[str, float]]:
+        rows = await self.client.zrevrange(self.recs_key(user_id), 0, n - 1, withscores=True)
+        return [(item.decode(), float(score)) for item, score in rows]
+
+    async def read_meta(self, user_id: str) -> dict[str, str]:
+        raw = await self.client.hgetall(self.recs_meta_key(user_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def read_profile(self, user_id: str) -> dict[str, str]:
+        raw = await self.client.hgetall(self.profile_key(user_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
