@@ -1,0 +1,159 @@
+"""The ``borderflow`` command line: one entry point for operators, analysts and developers.
+
+Settings are read once here (environment, ``BORDERFLOW_`` prefix) and handed to every
+sub-command through the click context. Any :class:`BorderflowError` (and any other failure)
+is printed as one readable line with a non-zero exit code; ``BORDERFLOW_DEBUG=1`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import click
+from pydantic import ValidationError
+
+from schemas.config import Settings
+from schemas.errors import BorderflowError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """borderflow: real-time profiles, fraud scoring, recommendations and logistics.
+
+    Configuration comes from BORDERFLOW_* environment variables (see docs/operations.md);
+    the defaults point at the local stack started by `borderflow stack up`.
+    """
+    if ctx.obj is None:
+        ctx.obj = Settings()
+
+
+@cli.command()
+@click.pass_obj
+def migrate(settings: Settings) -> None:
+    """Apply pending ClickHouse migrations (versioned and idempotent)."""
+    from infra.migrate import migrate as apply_migrations
+
+    applied = apply_migrations(settings)
+    if applied:
+        click.echo(f"applied {len(applied)} migration(s): {', '.join(applied)}")
+    else:
+        click.echo(f"ClickHouse database {settings.clickhouse_database!r} is up to date")
+
+
+@cli.command()
+@click.option(
+    "--pipeline",
+    type=click.Choice(["batched", "naive"]),
+    default=None,
+    help="Processing variant (default: BORDERFLOW_PIPELINE or batched). "
+    "'naive' is the per-event baseline used by the bench.",
+)
+@click.option(
+    "--web-port",
+    type=int,
+    default=None,
+    help="Port of the worker's web server (0 = any free port). "
+    "Give each worker on one machine its own port.",
+)
+@click.option(
+    "--loglevel",
+    default="warning",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+@click.pass_obj
+def worker(settings: Settings, pipeline: str | None, web_port: int | None, loglevel: str) -> None:
+    """Run one stream-processing worker in the foreground (several can run side by side)."""
+    from faust.worker import Worker
+
+    from schemas.events import INPUT_MODELS
+    from sinks.kafka import ensure_topics
+    from streams.app import create_worker_app
+
+    updates: dict[str, object] = {}
+    if pipeline:
+        updates["pipeline"] = pipeline
+    if web_port is not None:
+        updates["worker_web_port"] = web_port or _free_port()
+    settings = settings.model_copy(update=updates)
+    ensure_topics(settings, [*INPUT_MODELS, "fraud-alerts", "deadletter"])
+    app, _ = create_worker_app(settings)
+    Worker(app, loglevel=loglevel, redirect_stdouts=False).execute_from_commandline()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@cli.command()
+@click.option("--events", "n_events", default=30_000, show_default=True,
+              help="Events in the throughput workload (per variant).")
+@click.option("--latency-seconds", default=15.0, show_default=True,
+              help="Duration of the half-load latency phase.")
+@click.option("--skip-naive", is_flag=True, help="Do not run the naive baseline.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the results JSON here (also printed).")
+@click.pass_obj
+def bench(
+    settings: Settings, n_events: int, latency_seconds: float, skip_naive: bool, out: str | None
+) -> None:
+    """Measure events/s and produce-to-visible latency on the real stack, vs the naive variant."""
+    from infra.bench import run_bench
+
+    run_bench(settings, n_events=n_events, latency_seconds=latency_seconds,
+              run_naive=not skip_naive, out=out)
+
+
+@cli.command()
+@click.option("--users", default=1500, show_default=True, help="Simulated users.")
+@click.option("--days", default=10, show_default=True, help="Simulated days of event time.")
+@click.option("--seed", default=7, show_default=True)
+@click.pass_obj
+def demo(settings: Settings, users: int, days: int, seed: int) -> None:
+    """Run the whole pipeline once on the running stack and show what each user group sees."""
+    from infra.demo import run_demo
+
+    run_demo(settings, users=users, days=days, seed=seed)
+
+
+def _register_optional_commands() -> None:
+    """Sub-commands that live next to the code they drive."""
+    from infra.generator import generate_command
+    from infra.replay import replay_command
+    from infra.stack import stack_cli
+
+    cli.add_command(stack_cli)
+    cli.add_command(generate_command)
+    cli.add_command(replay_command)
+
+
+_register_optional_commands()
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False, prog_name="borderflow")
+    except click.exceptions.Abort:
+        click.echo("borderflow: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"borderflow: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (BorderflowError, ValidationError, OSError) as exc:
+        if os.environ.get("BORDERFLOW_DEBUG"):
+            raise
+        message = str(exc).strip().replace("\n", " ") or type(exc).__name__
+        click.echo(f"borderflow: error: {message}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

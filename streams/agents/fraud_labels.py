@@ -1,0 +1,59 @@
+"""Agent ``learn_fraud_labels``.
+
+Input: topic ``fraud-labels`` (key user_id, so a label shares its transaction's partition).
+State: queues each label in the :class:`models.fraud.FraudEngine` of its partition; the
+engine learns it from the exact feature vector the transaction was scored with, once the
+payments' event time passes the label time plus ``fraud_label_apply_delay_s``.
+Outputs: ClickHouse ``fraud_labels``; invalid labels to ``deadletter``.
+Guarantee: at-least-once; ``fraud_labels`` is a ReplacingMergeTree on txn_id, and a label
+for a transaction already learned (or unknown) is counted, not learned twice.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import faust
+
+from schemas.events import FRAUD_LABELS, FraudLabelEvent
+from streams.runtime import RollupCounter, Runtime, wall_ms
+
+
+async def process_labels(runtime: Runtime, events: Sequence[faust.EventT]) -> int:
+    labels = await runtime.decode(events, FraudLabelEvent)
+    by_partition: dict[int, list[FraudLabelEvent]] = defaultdict(list)
+    for event, label in labels:
+        by_partition[event.message.partition].append(label)
+    for event in events:
+        partition = event.message.partition
+        runtime.label_offsets[partition] = max(
+            runtime.label_offsets.get(partition, -1), event.message.offset
+        )
+    ingested_at = wall_ms() // 1000
+    rows = []
+    rollup = RollupCounter(FRAUD_LABELS)
+    for partition, batch in by_partition.items():
+        runtime.fraud_engine(partition).add_labels(batch)
+        for label in batch:
+            rows.append((label.txn_id, label.user_id, label.label, label.ts // 1000, label.ts,
+                         label.source or "", ingested_at))
+            rollup.add(label.ts, label.label, None)
+    runtime.clickhouse.add("fraud_labels", rows)
+    runtime.clickhouse.add("events_per_minute", rollup.rows())
+    await runtime.redis.count_processed({FRAUD_LABELS: len(labels)})
+    runtime.hold_until_durable(events)
+    await runtime.backpressure()
+    return len(labels)
+
+
+def register(runtime: Runtime) -> faust.types.AgentT:
+    topology = runtime.topology
+    settings = runtime.settings
+
+    @topology.app.agent(topology.fraud_labels, name="learn_fraud_labels")
+    async def learn_fraud_labels(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(settings.batch_max_events, settings.batch_within_s):
+            await process_labels(runtime, events)
+
+    return learn_fraud_labels

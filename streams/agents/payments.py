@@ -1,0 +1,107 @@
+"""Agent ``score_payments``.
+
+Input: topic ``payments`` (key user_id), micro-batches.
+State: one :class:`models.fraud.FraudEngine` per payments partition (features, River model,
+feature snapshots awaiting their labels). A partition's payments are scored in log order,
+after every label that is due by their event time has been learned; if the label stream of
+that partition is behind in event time, the batch waits (at most ``fraud_label_wait_s``).
+Outputs: ClickHouse ``fraud_scores`` and ``events_per_minute``; topic ``fraud-alerts`` for
+scores at or above the threshold, with reasons; invalid payments to ``deadletter``.
+Guarantee: at-least-once; a redelivered payment gets its first score again (no state
+change) and ``fraud_scores`` is a ReplacingMergeTree on txn_id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+
+import faust
+import orjson
+
+from models.fraud import ScoredPayment
+from schemas.events import PAYMENTS, FraudAlert, PaymentEvent
+from streams.runtime import RollupCounter, Runtime, wall_ms
+
+
+async def wait_for_labels(runtime: Runtime, partition: int, ts_ms: int) -> bool:
+    """Wait until the labels due by ``ts_ms`` are here; False if we gave up waiting."""
+    engine = runtime.fraud_engine(partition)
+    deadline = time.monotonic() + runtime.settings.fraud_label_wait_s
+    while not (engine.labels_complete_for(ts_ms) or runtime.labels_caught_up(partition)):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def alert_for(scored: ScoredPayment, threshold: float, model_version: str) -> FraudAlert:
+    payment = scored.payment
+    return FraudAlert(
+        alert_id=f"alert-{payment.event_id}",
+        txn_id=payment.event_id,
+        user_id=payment.user_id,
+        card_id=payment.card_id,
+        merchant_id=payment.merchant_id,
+        ts=payment.ts,
+        amount=payment.amount,
+        currency=payment.currency,
+        score=scored.score.score,
+        threshold=threshold,
+        reasons=scored.score.reasons or ["high model score"],
+        model_version=model_version,
+    )
+
+
+async def process_payments(runtime: Runtime, events: Sequence[faust.EventT]) -> int:
+    payments = await runtime.decode(events, PaymentEvent)
+    by_partition: dict[int, list[PaymentEvent]] = defaultdict(list)
+    for event, payment in payments:
+        by_partition[event.message.partition].append(payment)
+
+    scored_at = wall_ms() // 1000
+    rows = []
+    rollup = RollupCounter(PAYMENTS)
+    alerts = []
+    for partition, batch in by_partition.items():
+        await wait_for_labels(runtime, partition, max(p.ts for p in batch))
+        engine = runtime.fraud_engine(partition)
+        version = engine.model_version
+        for scored in engine.score(batch):
+            payment = scored.payment
+            rows.append((
+                payment.event_id, payment.user_id, payment.card_id, payment.merchant_id,
+                payment.ts // 1000, payment.ts, payment.amount, payment.currency,
+                scored.amount_usd, scored.score.score, int(scored.is_alert), engine.threshold,
+                scored.score.reasons, version, payment.billing_country or "",
+                payment.shipping_country or "", payment.ip_country or "", scored_at,
+            ))  # fmt: skip
+            rollup.add(payment.ts, "payment", payment.ip_country or payment.billing_country,
+                       scored.amount_usd)
+            if scored.is_alert:
+                alerts.append(alert_for(scored, engine.threshold, version))
+
+    for alert in alerts:
+        await runtime.topology.fraud_alerts.send(
+            key=alert.user_id.encode(), value=orjson.dumps(alert.model_dump())
+        )
+    runtime.clickhouse.add("fraud_scores", rows)
+    runtime.clickhouse.add("events_per_minute", rollup.rows())
+    await runtime.redis.count_processed({PAYMENTS: len(payments)})
+    runtime.hold_until_durable(events)
+    await runtime.backpressure()
+    return len(payments)
+
+
+def register(runtime: Runtime) -> faust.types.AgentT:
+    topology = runtime.topology
+    settings = runtime.settings
+
+    @topology.app.agent(topology.payments, name="score_payments")
+    async def score_payments(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(settings.batch_max_events, settings.batch_within_s):
+            await process_payments(runtime, events)
+
+    return score_payments

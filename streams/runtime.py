@@ -1,0 +1,184 @@
+"""What every agent shares inside one worker: sinks, models, dead-lettering and durable acks.
+
+Delivery guarantee: **at-least-once with idempotent sinks**. Faust acknowledges a micro-batch
+when the agent body returns; ClickHouse rows are still buffered then. So each batch takes an
+extra reference on its messages (:meth:`Runtime.hold`) and drops it when the ClickHouse
+writer reports the rows durable. Faust only commits offsets whose every reference is gone,
+so a crash replays exactly the batches whose rows might not be stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import faust
+import orjson
+from faust.types import TP
+
+from models.fraud import FraudEngine
+from models.recommender import SessionRecommender
+from schemas.config import Settings
+from schemas.decode import Rejected, decode_message
+from schemas.events import InboundEvent
+from sinks.clickhouse import ClickHouseWriter
+from sinks.redis_store import RedisStore
+from streams.topology import Topology
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=InboundEvent)
+
+MINUTE_MS = 60_000
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        topology: Topology,
+        *,
+        redis: RedisStore | None = None,
+        clickhouse: ClickHouseWriter | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topology = topology
+        self._redis = redis
+        self._clickhouse = clickhouse
+        self.recommender = SessionRecommender()
+        self.fraud_engines: dict[int, FraudEngine] = {}
+        #: Last offset seen per fraud-labels partition (to tell a caught-up label stream).
+        self.label_offsets: dict[int, int] = {}
+        self.deadlettered = 0
+
+    # Sinks are created lazily, inside the worker's event loop.
+    @property
+    def redis(self) -> RedisStore:
+        if self._redis is None:
+            self._redis = RedisStore(self.settings)
+        return self._redis
+
+    @property
+    def clickhouse(self) -> ClickHouseWriter:
+        if self._clickhouse is None:
+            self._clickhouse = ClickHouseWriter(self.settings)
+        return self._clickhouse
+
+    async def close(self) -> None:
+        if self._clickhouse is not None:
+            await asyncio.to_thread(self._clickhouse.close)
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    # -- decoding and dead letters ------------------------------------------------------------
+    async def decode(
+        self, events: Sequence[faust.EventT], model: type[M]
+    ) -> list[tuple[faust.EventT, M]]:
+        """Valid events with their Faust event; everything else goes to ``deadletter``."""
+        decoded: list[tuple[faust.EventT, M]] = []
+        for event in events:
+            ok, rejected = decode_message(model, event.value)
+            for item in ok:
+                decoded.append((event, item))
+            for bad in rejected:
+                await self.deadletter(event, bad)
+        return decoded
+
+    async def deadletter(self, event: faust.EventT, rejected: Rejected) -> None:
+        message = event.message
+        record = {
+            "schema_version": 1,
+            "source_topic": message.topic,
+            "partition": message.partition,
+            "offset": message.offset,
+            "error": rejected.error,
+            "payload": rejected.payload[:65536].decode("utf-8", errors="replace"),
+            "payload_b64": base64.b64encode(rejected.payload).decode("ascii"),
+            "index": rejected.index,
+        }
+        self.deadlettered += 1
+        log.warning(
+            "dead-lettered %s[%s]@%s: %s",
+            message.topic, message.partition, message.offset, rejected.error,
+        )  # fmt: skip
+        await self.topology.deadletter.send(key=message.key, value=orjson.dumps(record))
+
+    # -- durable acknowledgements ---------------------------------------------------------------
+    def hold_until_durable(self, events: Sequence[faust.EventT]) -> None:
+        """Delay the offset commit of ``events`` until ClickHouse has stored what was added."""
+        messages = [event.message for event in events]
+        for message in messages:
+            message.incref()
+        loop = asyncio.get_running_loop()
+        consumer = self.topology.app.consumer
+
+        def release() -> None:
+            for message in messages:
+                message.ack(consumer)
+
+        self.clickhouse.add_callback(lambda: loop.call_soon_threadsafe(release))
+
+    async def backpressure(self) -> None:
+        """Pause intake while the ClickHouse buffer is full (e.g. ClickHouse is down)."""
+        writer = self.clickhouse
+        while not writer.has_capacity():
+            await asyncio.to_thread(writer.wait_for_capacity, 1.0)
+
+    # -- fraud engines (one per payments partition) -------------------------------------------
+    def fraud_engine(self, partition: int) -> FraudEngine:
+        engine = self.fraud_engines.get(partition)
+        if engine is None:
+            engine = self.fraud_engines[partition] = FraudEngine(
+                threshold=self.settings.fraud_alert_threshold,
+                label_apply_delay_ms=int(self.settings.fraud_label_apply_delay_s * 1000),
+                snapshot_ttl_ms=int(self.settings.fraud_snapshot_ttl_days * 86_400_000),
+            )
+        return engine
+
+    def labels_caught_up(self, partition: int) -> bool:
+        """True when this worker has read everything currently in that fraud-labels partition."""
+        tp = TP(self.settings.topic("fraud-labels"), partition)
+        try:
+            highwater = self.topology.app.consumer.highwater(tp)
+        except Exception:  # not assigned or no fetch yet: nothing to wait for
+            return True
+        if not highwater:
+            return True
+        seen = self.label_offsets.get(partition)
+        return seen is not None and seen + 1 >= highwater
+
+
+def minute_of(ts_ms: int) -> int:
+    """Epoch seconds of the minute containing ``ts_ms`` (ClickHouse DateTime)."""
+    return (ts_ms // MINUTE_MS) * 60
+
+
+class RollupCounter:
+    """Per-batch pre-aggregation of ``events_per_minute`` rows."""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.counts: Counter[tuple[int, str, str]] = Counter()
+        self.amounts: dict[tuple[int, str, str], float] = {}
+
+    def add(self, ts_ms: int, event_type: str, country: str | None, amount_usd: float = 0.0) -> None:
+        key = (minute_of(ts_ms), event_type, country or "")
+        self.counts[key] += 1
+        if amount_usd:
+            self.amounts[key] = self.amounts.get(key, 0.0) + amount_usd
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        return [
+            (minute, self.topic, event_type, country, count, round(self.amounts.get(k, 0.0), 6))
+            for k, count in self.counts.items()
+            for minute, event_type, country in (k,)
+        ]
+
+
+def wall_ms() -> int:
+    """Wall-clock time for *operational* fields only (``updated_at``), never for results."""
+    return int(time.time() * 1000)

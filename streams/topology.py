@@ -1,0 +1,118 @@
+"""The whole borderflow topology on one screen: the Faust app, its topics and its tables.
+
+    clicks        --> update_profiles_and_recs --> table user_profiles
+      (key user_id)                             --> Redis bf:profile:{u}, bf:recs:{u}, :meta
+                                                --> ClickHouse events_per_minute
+    payments      --> score_payments           --> ClickHouse fraud_scores, events_per_minute
+      (key user_id)                             --> topic fraud-alerts (score >= threshold)
+    fraud-labels  --> learn_fraud_labels       --> fraud model of the payment's partition
+      (key user_id)                             --> ClickHouse fraud_labels
+    logistics     --> record_shipment_scans    --> ClickHouse shipment_events, events_per_minute
+      (key user_id)
+    any input that fails to decode or validate --> topic deadletter (reason + original bytes)
+
+All four input topics are keyed by user_id and have the same partition count, so one user's
+clicks, payments, labels and scans share a partition number and land on the same worker.
+Each agent lives in its own module under ``streams/agents/``. Values are read as raw bytes
+and decoded by the agents themselves, so that a bad message can be dead-lettered with its
+reason instead of crashing the stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faust
+
+from schemas.config import Settings
+from schemas.events import CLICKS, DEADLETTER, FRAUD_ALERTS, FRAUD_LABELS, LOGISTICS, PAYMENTS
+
+
+@dataclass(frozen=True)
+class Topology:
+    app: faust.App
+    clicks: faust.TopicT
+    payments: faust.TopicT
+    fraud_labels: faust.TopicT
+    logistics: faust.TopicT
+    fraud_alerts: faust.TopicT
+    deadletter: faust.TopicT
+    #: user_id (bytes) -> UserProfile.to_bytes(); changelog-backed, so it survives restarts.
+    user_profiles: faust.Table
+
+    @property
+    def input_topics(self) -> dict[str, faust.TopicT]:
+        return {
+            CLICKS: self.clicks,
+            PAYMENTS: self.payments,
+            FRAUD_LABELS: self.fraud_labels,
+            LOGISTICS: self.logistics,
+        }
+
+
+def build_app(settings: Settings) -> faust.App:
+    """A Faust app configured for at-least-once processing against ``settings``' broker."""
+    credentials = None
+    if settings.kafka_sasl_mechanism:
+        credentials = faust.SASLCredentials(
+            username=settings.kafka_sasl_username or "",
+            password=(
+                settings.kafka_sasl_password.get_secret_value()
+                if settings.kafka_sasl_password
+                else ""
+            ),
+            mechanism=settings.kafka_sasl_mechanism,
+        )
+    return faust.App(
+        settings.app_id,
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        broker_credentials=credentials,
+        store=settings.store,
+        # exactly_once needs idempotent aiokafka producers, which Tansu rejects; sinks are
+        # idempotent instead (see docs/architecture.md).
+        processing_guarantee="at_least_once",
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=1,
+        broker_session_timeout=settings.broker_session_timeout_s,
+        broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
+        broker_commit_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        key_serializer="raw",
+        value_serializer="raw",
+        stream_buffer_maxsize=max(4096, 2 * settings.batch_max_events),
+        producer_linger=0.005,
+        web_host="127.0.0.1",
+        web_port=settings.worker_web_port,
+    )
+
+
+def build_topology(settings: Settings, app: faust.App | None = None) -> Topology:
+    app = app or build_app(settings)
+
+    def topic(name: str) -> faust.TopicT:
+        return app.topic(
+            settings.topic(name),
+            partitions=settings.topic_partitions,
+            key_serializer="raw",
+            value_serializer="raw",
+        )
+
+    return Topology(
+        app=app,
+        clicks=topic(CLICKS),
+        payments=topic(PAYMENTS),
+        fraud_labels=topic(FRAUD_LABELS),
+        logistics=topic(LOGISTICS),
+        fraud_alerts=topic(FRAUD_ALERTS),
+        deadletter=topic(DEADLETTER),
+        user_profiles=app.Table(
+            f"{settings.topic_prefix}user_profiles",
+            default=None,
+            partitions=settings.topic_partitions,
+            key_type=bytes,
+            value_type=bytes,
+            # Changelog partition = hash(user_id) like the input topics, not "the partition
+            # of the current event": writes happen per micro-batch, outside a single event.
+            use_partitioner=True,
+        ),
+    )
