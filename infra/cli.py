@@ -92,13 +92,26 @@ def _free_port() -> int:
 
 
 @cli.command()
-@click.option("--events", "n_events", default=30_000, show_default=True,
-              help="Events in the throughput workload (per variant).")
-@click.option("--latency-seconds", default=15.0, show_default=True,
-              help="Duration of the half-load latency phase.")
+@click.option(
+    "--events",
+    "n_events",
+    default=30_000,
+    show_default=True,
+    help="Events in the throughput workload (per variant).",
+)
+@click.option(
+    "--latency-seconds",
+    default=15.0,
+    show_default=True,
+    help="Duration of the half-load latency phase.",
+)
 @click.option("--skip-naive", is_flag=True, help="Do not run the naive baseline.")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Write the results JSON here (also printed).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the results JSON here (also printed).",
+)
 @click.pass_obj
 def bench(
     settings: Settings, n_events: int, latency_seconds: float, skip_naive: bool, out: str | None
@@ -106,8 +119,13 @@ def bench(
     """Measure events/s and produce-to-visible latency on the real stack, vs the naive variant."""
     from infra.bench import run_bench
 
-    run_bench(settings, n_events=n_events, latency_seconds=latency_seconds,
-              run_naive=not skip_naive, out=out)
+    run_bench(
+        settings,
+        n_events=n_events,
+        latency_seconds=latency_seconds,
+        run_naive=not skip_naive,
+        out=out,
+    )
 
 
 @cli.command()

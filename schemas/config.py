@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     broker_heartbeat_interval_s: float = 1.0
     #: "batched" (production) or "naive" (per-event, the bench's baseline).
     pipeline: str = "batched"
+    #: Record produce-to-visible latency samples in Redis (``stats:latency_ms:*``); the
+    #: bench turns it on. Uses each message's producer timestamp (CreateTime).
+    record_latency: bool = False
 
     # --- Redis ---------------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:16379/0"
@@ -75,6 +78,18 @@ class Settings(BaseSettings):
 
     # --- Local stack ---------------------------------------------------------------------
     stack_dir: Path = DEFAULT_STACK_DIR
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as BORDERFLOW_* variables, for child processes (workers, tests)."""
+        env = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[f"BORDERFLOW_{name.upper()}"] = str(value)
+        return env
 
     def topic(self, name: str) -> str:
         """The broker-side name of contract topic ``name``."""

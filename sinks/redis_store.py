@@ -118,6 +118,21 @@ class RedisStore:
             if count:
                 pipe.hincrby(self.stats_key(), topic, count)
 
+    def latency_key(self, stage: str) -> str:
+        return f"{self.prefix}stats:latency_ms:{stage}"
+
+    async def record_latencies(self, stage: str, samples_ms: list[float], cap: int = 200_000) -> None:
+        """Append produce-to-visible latency samples (a capped list; the bench reads it)."""
+        if not samples_ms:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        pipe.rpush(self.latency_key(stage), *[round(v, 3) for v in samples_ms])
+        pipe.ltrim(self.latency_key(stage), -cap, -1)
+        await pipe.execute()
+
+    async def read_latencies(self, stage: str) -> list[float]:
+        return [float(v) for v in await self.client.lrange(self.latency_key(stage), 0, -1)]
+
     async def processed_counts(self) -> dict[str, int]:
         raw = await self.client.hgetall(self.stats_key())
         return {k.decode(): int(v) for k, v in raw.items()}

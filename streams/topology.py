@@ -21,8 +21,11 @@ reason instead of crashing the stream.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import faust
+from aiokafka.partitioner import murmur2
+from mode.utils.text import want_bytes
 
 from schemas.config import Settings
 from schemas.events import CLICKS, DEADLETTER, FRAUD_ALERTS, FRAUD_LABELS, LOGISTICS, PAYMENTS
@@ -105,14 +108,29 @@ def build_topology(settings: Settings, app: faust.App | None = None) -> Topology
         logistics=topic(LOGISTICS),
         fraud_alerts=topic(FRAUD_ALERTS),
         deadletter=topic(DEADLETTER),
-        user_profiles=app.Table(
-            f"{settings.topic_prefix}user_profiles",
-            default=None,
-            partitions=settings.topic_partitions,
-            key_type=bytes,
-            value_type=bytes,
-            # Changelog partition = hash(user_id) like the input topics, not "the partition
-            # of the current event": writes happen per micro-batch, outside a single event.
-            use_partitioner=True,
+        user_profiles=app.tables.add(
+            UserPartitionedTable(
+                app,
+                name=f"{settings.topic_prefix}user_profiles",
+                default=None,
+                beacon=app.tables.beacon,
+                partitions=settings.topic_partitions,
+                key_type=bytes,
+                value_type=bytes,
+            )
         ),
     )
+
+
+class UserPartitionedTable(faust.Table):
+    """A table whose changelog partition is Kafka's default partition for the key.
+
+    Faust normally writes a key's changelog to "the partition of the current event", which
+    is undefined for writes made once per micro-batch (a batch mixes partitions). Hashing the
+    user_id with murmur2 like the producers of the input topics puts each user's state on the
+    same partition number as the user's events, so it moves with them on a rebalance. It is
+    computed here rather than by the producer, which may not have the topic's metadata yet.
+    """
+
+    def partition_for_key(self, key: Any) -> int:
+        return (murmur2(want_bytes(key)) & 0x7FFFFFFF) % int(self.partitions or 1)

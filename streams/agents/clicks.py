@@ -72,6 +72,12 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
     await runtime.redis.write_user_states(
         states, updated_at_ms=wall_ms(), processed={CLICKS: len(clicks)}
     )
+    if runtime.settings.record_latency:
+        # Producer timestamp (CreateTime, seconds) -> now: produce to visible in Redis.
+        visible_ms = wall_ms()
+        await runtime.redis.record_latencies(
+            "recs", [visible_ms - event.message.timestamp * 1000 for event, _ in clicks]
+        )
     runtime.clickhouse.add("events_per_minute", rollup.rows())
     runtime.hold_until_durable(events)
     await runtime.backpressure()

@@ -1,0 +1,326 @@
+"""``borderflow bench``: throughput and latency of the real pipeline on the running stack.
+
+Workload: the seeded generator (``GeneratorConfig(users=2000, seed=11)``), the first
+``n_events`` events in event-time order — mostly clicks, with payments, fraud labels and
+logistics scans, every capability on. Each variant gets fresh topics, app id and Redis
+prefix, so runs never see each other's data.
+
+1. **Throughput**, per variant (``naive`` then ``batched``, same process, same workload):
+   the workload is produced to the topics first, then one worker is started; events/s is
+   measured from the first processed batch to the last, from the worker's own
+   ``stats:processed`` counters in Redis.
+2. **Latency at half load** (batched): a fresh worker gets the workload at half the measured
+   throughput; produce-to-visible latency is taken per click from the producer timestamp to
+   the moment the recommendation write returned (recorded by the worker), and per alert from
+   produce to the alert being consumed from ``fraud-alerts``.
+
+Results are printed and written as JSON with a description of the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import orjson
+from confluent_kafka import Consumer
+
+from infra.generator import GeneratedEvent, GeneratorConfig, generate_to_list
+from infra.migrate import migrate
+from schemas.config import Settings
+from schemas.errors import BorderflowError
+from sinks.kafka import EventProducer, ensure_topics
+from sinks.redis_store import RedisStore
+
+TOPICS = ["clicks", "payments", "fraud-labels", "logistics", "fraud-alerts", "deadletter"]
+
+
+@dataclass
+class WorkerProcess:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def start_worker(settings: Settings, log_dir: Path, name: str) -> WorkerProcess:
+    """Start ``borderflow worker`` for ``settings`` as a child process (own web port)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    env = {**os.environ, **settings.to_env()}
+    log_file = log_path.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "infra.cli", "worker", "--web-port", "0", "--loglevel", "warning"],
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    return WorkerProcess(process, log_path)
+
+
+def isolated(settings: Settings, label: str, **updates: Any) -> Settings:
+    tag = f"{label}{uuid.uuid4().hex[:6]}"
+    return settings.model_copy(
+        update={
+            "topic_prefix": f"{tag}-",
+            "app_id": f"bf-{tag}",
+            "redis_prefix": f"{tag}:",
+            **updates,
+        }
+    )
+
+
+def produce_all(settings: Settings, events: list[GeneratedEvent]) -> float:
+    """Produce every event as fast as possible; returns messages/s."""
+    started = time.perf_counter()
+    with EventProducer(settings) as producer:
+        for event in events:
+            producer.send(settings.topic(event.topic), event.key, orjson.dumps(event.value))
+        producer.flush(60)
+    return len(events) / (time.perf_counter() - started)
+
+
+async def _processed_total(store: RedisStore) -> int:
+    return sum((await store.processed_counts()).values())
+
+
+def wait_processed(
+    settings: Settings, expected: int, worker: WorkerProcess, timeout_s: float
+) -> tuple[float, int, float]:
+    """Poll the worker's counters; returns (first_progress_time, count_then, done_time)."""
+
+    async def poll() -> tuple[float, int, float]:
+        store = RedisStore(settings)
+        try:
+            deadline = time.monotonic() + timeout_s
+            first: tuple[float, int] | None = None
+            while time.monotonic() < deadline:
+                if worker.process.poll() is not None:
+                    raise BorderflowError(
+                        f"worker exited with {worker.process.returncode}; see {worker.log_path}"
+                    )
+                done = await _processed_total(store)
+                now = time.perf_counter()
+                if first is None and done > 0:
+                    first = (now, done)
+                if done >= expected and first is not None:
+                    return first[0], first[1], now
+                await asyncio.sleep(0.02)
+            raise BorderflowError(
+                f"worker processed fewer than {expected} events in {timeout_s:.0f}s; "
+                f"see {worker.log_path}"
+            )
+        finally:
+            await store.aclose()
+
+    return asyncio.run(poll())
+
+
+def measure_throughput(
+    settings: Settings, events: list[GeneratedEvent], pipeline: str, log_dir: Path
+) -> dict[str, Any]:
+    run = isolated(settings, pipeline[:5], pipeline=pipeline)
+    ensure_topics(run, TOPICS)
+    produce_rate = produce_all(run, events)
+    worker = start_worker(run, log_dir, f"throughput-{pipeline}")
+    try:
+        first_t, first_n, done_t = wait_processed(run, len(events), worker, timeout_s=900)
+    finally:
+        worker.stop()
+    elapsed = max(done_t - first_t, 1e-6)
+    rate = (len(events) - first_n) / elapsed
+    return {
+        "pipeline": pipeline,
+        "events": len(events),
+        "events_per_s": round(rate, 1),
+        "messages_per_s": round(rate, 1),  # one event per Kafka message in this workload
+        "producer_messages_per_s": round(produce_rate, 1),
+        "processing_seconds": round(elapsed, 3),
+    }
+
+
+def _percentiles(samples: list[float]) -> dict[str, float | int]:
+    if not samples:
+        return {"samples": 0}
+    values = np.asarray(samples)
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return {
+        "samples": len(samples),
+        "p50_ms": round(float(p50), 2),
+        "p95_ms": round(float(p95), 2),
+        "p99_ms": round(float(p99), 2),
+        "max_ms": round(float(values.max()), 2),
+    }
+
+
+def measure_latency(
+    settings: Settings,
+    events: list[GeneratedEvent],
+    rate: float,
+    seconds: float,
+    log_dir: Path,
+) -> dict[str, Any]:
+    run = isolated(settings, "lat", record_latency=True)
+    ensure_topics(run, TOPICS)
+    worker = start_worker(run, log_dir, "latency-batched")
+    n = min(len(events), max(1, int(rate * seconds)))
+    workload = events[:n]
+    produced_at: dict[str, float] = {}
+    alert_latencies: list[float] = []
+    stop_consuming = threading.Event()
+
+    def consume_alerts() -> None:
+        consumer = Consumer({
+            **run.confluent_config(),
+            "group.id": f"{run.app_id}-bench-alerts",
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000,
+        })  # fmt: skip
+        consumer.subscribe([run.topic("fraud-alerts")])
+        try:
+            while not stop_consuming.is_set():
+                message = consumer.poll(0.05)
+                if message is None or message.error():
+                    continue
+                now = time.time() * 1000
+                txn_id = orjson.loads(message.value())["txn_id"]
+                if txn_id in produced_at:
+                    alert_latencies.append(now - produced_at[txn_id])
+        finally:
+            consumer.close()
+
+    alerts_thread = threading.Thread(target=consume_alerts, daemon=True)
+    alerts_thread.start()
+    try:
+        # Wait until the worker has joined its group and processes events.
+        with EventProducer(run) as producer:
+            warm = events[0]
+            producer.send(run.topic(warm.topic), warm.key, orjson.dumps(warm.value))
+            producer.flush(10)
+        wait_processed(run, 1, worker, timeout_s=120)
+        interval = 1.0 / rate
+        started = time.perf_counter()
+        with EventProducer(run) as producer:
+            for i, event in enumerate(workload):
+                target = started + i * interval
+                delay = target - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                if event.topic == "payments":
+                    produced_at[event.value["event_id"]] = time.time() * 1000
+                producer.send(run.topic(event.topic), event.key, orjson.dumps(event.value))
+                producer.poll(0)
+            producer.flush(30)
+        achieved = n / (time.perf_counter() - started)
+        wait_processed(run, n + 1, worker, timeout_s=300)
+        time.sleep(1.0)  # let the last alerts arrive
+    finally:
+        stop_consuming.set()
+        alerts_thread.join(10)
+        worker.stop()
+
+    async def read() -> list[float]:
+        store = RedisStore(run)
+        try:
+            return await store.read_latencies("recs")
+        finally:
+            await store.aclose()
+
+    return {
+        "target_events_per_s": round(rate, 1),
+        "achieved_events_per_s": round(achieved, 1),
+        "events": n,
+        "click_to_recs_in_redis": _percentiles(asyncio.run(read())),
+        "payment_to_alert_on_topic": _percentiles(alert_latencies),
+    }
+
+
+def machine_description() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def run_bench(
+    settings: Settings,
+    *,
+    n_events: int,
+    latency_seconds: float,
+    run_naive: bool,
+    out: str | None,
+) -> dict[str, Any]:
+    bench_settings = settings.model_copy(
+        update={"clickhouse_database": f"{settings.clickhouse_database}_bench"}
+    )
+    migrate(bench_settings)
+    config = GeneratorConfig(users=2000, days=30, seed=11, max_events=n_events)
+    events = generate_to_list(config)
+    mix = Counter(event.topic for event in events)
+    log_dir = settings.stack_dir / "bench"
+    click.echo(f"workload: {len(events)} events {dict(mix)}")
+
+    results: dict[str, Any] = {
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_description(),
+        "workload": {
+            "generator": {"users": config.users, "days": config.days, "seed": config.seed},
+            "events": len(events),
+            "mix": dict(mix),
+            "events_per_message": 1,
+        },
+        "settings": {
+            "batch_max_events": settings.batch_max_events,
+            "batch_within_s": settings.batch_within_s,
+            "topic_partitions": settings.topic_partitions,
+            "broker": settings.kafka_bootstrap,
+        },
+        "throughput": {},
+    }
+    variants = (["naive"] if run_naive else []) + ["batched"]
+    for variant in variants:
+        click.echo(f"throughput: {variant} pipeline ...")
+        result = measure_throughput(bench_settings, events, variant, log_dir)
+        results["throughput"][variant] = result
+        click.echo(f"  {result['events_per_s']:.0f} events/s")
+    batched_rate = results["throughput"]["batched"]["events_per_s"]
+    if run_naive:
+        naive_rate = results["throughput"]["naive"]["events_per_s"]
+        results["speedup_vs_naive"] = round(batched_rate / naive_rate, 2)
+        click.echo(f"speed-up batched / naive: {results['speedup_vs_naive']}x")
+    if latency_seconds > 0:
+        click.echo(f"latency at half load ({batched_rate / 2:.0f} events/s) ...")
+        results["latency_half_load"] = measure_latency(
+            bench_settings, events, batched_rate / 2, latency_seconds, log_dir
+        )
+    text = orjson.dumps(results, option=orjson.OPT_INDENT_2).decode()
+    click.echo(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+        click.echo(f"written to {out}")
+    return results
