@@ -37,13 +37,12 @@ from typing import Any
 import click
 import numpy as np
 import orjson
-from confluent_kafka import Consumer
 
 from infra.generator import GeneratedEvent, GeneratorConfig, generate_to_list
 from infra.migrate import migrate
 from schemas.config import Settings
 from schemas.errors import BorderflowError
-from sinks.kafka import EventProducer, ensure_topics
+from sinks.kafka import EventProducer, TopicReader, ensure_topics
 from sinks.redis_store import RedisStore
 
 TOPICS = ["clicks", "payments", "fraud-labels", "logistics", "fraud-alerts", "deadletter"]
@@ -192,24 +191,13 @@ def measure_latency(
     stop_consuming = threading.Event()
 
     def consume_alerts() -> None:
-        consumer = Consumer({
-            **run.confluent_config(),
-            "group.id": f"{run.app_id}-bench-alerts",
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": 6000,
-        })  # fmt: skip
-        consumer.subscribe([run.topic("fraud-alerts")])
-        try:
+        with TopicReader(run, run.topic("fraud-alerts")) as reader:
             while not stop_consuming.is_set():
-                message = consumer.poll(0.05)
-                if message is None or message.error():
-                    continue
-                now = time.time() * 1000
-                txn_id = orjson.loads(message.value())["txn_id"]
-                if txn_id in produced_at:
-                    alert_latencies.append(now - produced_at[txn_id])
-        finally:
-            consumer.close()
+                for message in reader.poll(0.05):
+                    now = time.time() * 1000
+                    txn_id = orjson.loads(message.value())["txn_id"]
+                    if txn_id in produced_at:
+                        alert_latencies.append(now - produced_at[txn_id])
 
     alerts_thread = threading.Thread(target=consume_alerts, daemon=True)
     alerts_thread.start()

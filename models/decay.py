@@ -63,7 +63,7 @@ class GrowingWeight:
         return self.weight(ts_ms) > self.MAX_WEIGHT
 
     def rebase(self, ts_ms: int) -> float:
-        """Move the origin to ``ts_ms``; returns the factor every stored score must be divided by."""
+        """Move the origin to ``ts_ms``; returns the factor to divide every stored score by."""
         factor = self.weight(ts_ms)
         self.origin_ms = ts_ms
         return factor

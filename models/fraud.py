@@ -121,14 +121,14 @@ class PaymentFeatures:
             "card_small_10m": card.small_10m.value_at(ts, 10 * 60_000),
             "user_tx_1h": user.tx_1h.value_at(ts, HOUR_MS),
             "device_tx_1h": device.tx_1h.value_at(ts, HOUR_MS) if payment.device_id else 0.0,
-            "merchant_fraud_rate": (
-                (fraud.value_at(ts, 7 * DAY_MS) + 0.01) / (labels + 1.0)
-            ),
+            "merchant_fraud_rate": ((fraud.value_at(ts, 7 * DAY_MS) + 0.01) / (labels + 1.0)),
             "new_device": float(
                 user.count > 0 and bool(payment.device_id) and payment.device_id not in user.seen
             ),
             "new_merchant": float(user.count > 0 and ("m:" + payment.merchant_id) not in user.seen),
-            "new_card_for_user": float(user.count > 0 and ("c:" + payment.card_id) not in user.seen),
+            "new_card_for_user": float(
+                user.count > 0 and ("c:" + payment.card_id) not in user.seen
+            ),
             "billing_ne_shipping": float(
                 bool(payment.billing_country and payment.shipping_country)
                 and payment.billing_country != payment.shipping_country

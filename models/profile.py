@@ -197,4 +197,3 @@ def _bump_affinity(profile: UserProfile, category: str, weight: float, ts: int) 
         # Bounded memory: forget the weakest category.
         current = profile.affinity_at(ts)
         del profile.affinity[min(current, key=lambda c: (current[c], c))]
-

@@ -64,7 +64,9 @@ def decode_message(model: type[M], raw: bytes | None) -> tuple[list[M], list[Rej
     rejected: list[Rejected] = []
     for index, item in enumerate(items):
         if not isinstance(item, dict):
-            rejected.append(Rejected("array element is not a JSON object", orjson.dumps(item), index))
+            rejected.append(
+                Rejected("array element is not a JSON object", orjson.dumps(item), index)
+            )
             continue
         try:
             events.append(model.model_validate(item))

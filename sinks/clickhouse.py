@@ -195,8 +195,9 @@ class ClickHouseWriter:
                 except Exception as exc:  # retried forever: dropping rows is never an option
                     self.failures += 1
                     self.last_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                    log.warning("ClickHouse insert failed (retry in %.1fs): %s", backoff,
-                                self.last_error)
+                    log.warning(
+                        "ClickHouse insert failed (retry in %.1fs): %s", backoff, self.last_error
+                    )
                     if client is not None:
                         try:
                             client.disconnect()
@@ -232,6 +233,4 @@ def _connect(settings: Settings) -> Client:
 def _insert_columnar(client: Any, table: str, rows: list[tuple[Any, ...]]) -> None:
     columns = TABLE_COLUMNS[table]
     data = [list(column) for column in zip(*rows, strict=True)]
-    client.execute(
-        f"INSERT INTO {table} ({', '.join(columns)}) VALUES", data, columnar=True
-    )
+    client.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES", data, columnar=True)

@@ -193,3 +193,53 @@ class EventProducer:
         else:
             # Already failing: deliver what we can, but do not hide the original error.
             self._producer.flush(5.0)
+
+
+class TopicReader:
+    """Reads a topic from its beginning without joining a consumer group.
+
+    Tools (demo, bench, ``alerts tail``, tests) only observe a topic; a group join would cost
+    seconds on Tansu and commit offsets nobody needs. All partitions are assigned directly.
+    """
+
+    def __init__(self, settings: Settings, topic: str, *, from_beginning: bool = True) -> None:
+        from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
+
+        self._consumer = Consumer({
+            **settings.confluent_config(),
+            "group.id": "borderflow-observer",  # required by librdkafka; never joined
+            "enable.auto.commit": False,
+            "enable.partition.eof": False,
+        })  # fmt: skip
+        metadata = self._consumer.list_topics(topic, timeout=10)
+        partitions = metadata.topics[topic].partitions if topic in metadata.topics else {}
+        if not partitions:
+            self._consumer.close()
+            raise BorderflowError(f"topic {topic!r} does not exist on {settings.kafka_bootstrap}")
+        start = OFFSET_BEGINNING if from_beginning else OFFSET_END
+        self._consumer.assign([TopicPartition(topic, p, start) for p in sorted(partitions)])
+
+    def poll(self, timeout_s: float) -> list[Any]:
+        """Messages that arrive within ``timeout_s`` (errors such as EOF are skipped)."""
+        messages = self._consumer.consume(num_messages=1000, timeout=timeout_s)
+        return [m for m in messages if not m.error()]
+
+    def read_until_idle(self, idle_s: float = 1.0, max_s: float = 30.0) -> list[Any]:
+        """Everything until nothing new arrived for ``idle_s`` (or ``max_s`` passed)."""
+        out: list[Any] = []
+        deadline = time.monotonic() + max_s
+        while time.monotonic() < deadline:
+            batch = self.poll(idle_s)
+            if not batch:
+                break
+            out.extend(batch)
+        return out
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def __enter__(self) -> TopicReader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

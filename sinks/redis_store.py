@@ -121,7 +121,9 @@ class RedisStore:
     def latency_key(self, stage: str) -> str:
         return f"{self.prefix}stats:latency_ms:{stage}"
 
-    async def record_latencies(self, stage: str, samples_ms: list[float], cap: int = 200_000) -> None:
+    async def record_latencies(
+        self, stage: str, samples_ms: list[float], cap: int = 200_000
+    ) -> None:
         """Append produce-to-visible latency samples (a capped list; the bench reads it)."""
         if not samples_ms:
             return
@@ -135,20 +137,24 @@ class RedisStore:
 
     async def processed_counts(self) -> dict[str, int]:
         raw = await self.client.hgetall(self.stats_key())
-        return {k.decode(): int(v) for k, v in raw.items()}
+        return {_text(k): int(v) for k, v in raw.items()}
 
     # -- reads (the storefront's view; also used by tests and the demo) -------------------------
     async def read_recs(self, user_id: str, n: int = 20) -> list[tuple[str, float]]:
-        rows = await self.client.zrevrange(self.recs_key(user_id), 0, n - 1, withscores=True)
-        return [(item.decode(), float(score)) for item, score in rows]
+        rows: Any = await self.client.zrevrange(self.recs_key(user_id), 0, n - 1, withscores=True)
+        return [(_text(item), float(score)) for item, score in rows]
 
     async def read_meta(self, user_id: str) -> dict[str, str]:
         raw = await self.client.hgetall(self.recs_meta_key(user_id))
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        return {_text(k): _text(v) for k, v in raw.items()}
 
     async def read_profile(self, user_id: str) -> dict[str, str]:
         raw = await self.client.hgetall(self.profile_key(user_id))
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        return {_text(k): _text(v) for k, v in raw.items()}
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

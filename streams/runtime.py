@@ -14,8 +14,8 @@ import base64
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, TypeVar, cast
 
 import faust
 import orjson
@@ -120,7 +120,10 @@ class Runtime:
             for message in messages:
                 message.ack(consumer)
 
-        self.clickhouse.add_callback(lambda: loop.call_soon_threadsafe(release))
+        def on_durable() -> None:  # runs in the writer thread
+            loop.call_soon_threadsafe(release)
+
+        self.clickhouse.add_callback(on_durable)
 
     async def backpressure(self) -> None:
         """Pause intake while the ClickHouse buffer is full (e.g. ClickHouse is down)."""
@@ -152,6 +155,15 @@ class Runtime:
         return seen is not None and seen + 1 >= highwater
 
 
+def micro_batches(
+    stream: faust.StreamT, settings: Settings
+) -> AsyncIterator[Sequence[faust.EventT]]:
+    """The agent's input as micro-batches: up to ``batch_max_events`` events, waiting at
+    most ``batch_within_s`` for a batch to fill (events keep their message metadata)."""
+    take_events = cast(faust.Stream, stream).take_events
+    return take_events(settings.batch_max_events, settings.batch_within_s)
+
+
 def minute_of(ts_ms: int) -> int:
     """Epoch seconds of the minute containing ``ts_ms`` (ClickHouse DateTime)."""
     return (ts_ms // MINUTE_MS) * 60
@@ -165,7 +177,9 @@ class RollupCounter:
         self.counts: Counter[tuple[int, str, str]] = Counter()
         self.amounts: dict[tuple[int, str, str], float] = {}
 
-    def add(self, ts_ms: int, event_type: str, country: str | None, amount_usd: float = 0.0) -> None:
+    def add(
+        self, ts_ms: int, event_type: str, country: str | None, amount_usd: float = 0.0
+    ) -> None:
         key = (minute_of(ts_ms), event_type, country or "")
         self.counts[key] += 1
         if amount_usd:

@@ -21,7 +21,7 @@ reason instead of crashing the stream.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import faust
 from aiokafka.partitioner import murmur2
@@ -108,16 +108,19 @@ def build_topology(settings: Settings, app: faust.App | None = None) -> Topology
         logistics=topic(LOGISTICS),
         fraud_alerts=topic(FRAUD_ALERTS),
         deadletter=topic(DEADLETTER),
-        user_profiles=app.tables.add(
-            UserPartitionedTable(
-                app,
-                name=f"{settings.topic_prefix}user_profiles",
-                default=None,
-                beacon=app.tables.beacon,
-                partitions=settings.topic_partitions,
-                key_type=bytes,
-                value_type=bytes,
-            )
+        user_profiles=cast(
+            faust.Table,
+            app.tables.add(
+                UserPartitionedTable(
+                    app,
+                    name=f"{settings.topic_prefix}user_profiles",
+                    default=None,
+                    beacon=app.tables.beacon,
+                    partitions=settings.topic_partitions,
+                    key_type=bytes,
+                    value_type=bytes,
+                )
+            ),
         ),
     )
 

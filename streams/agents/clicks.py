@@ -21,7 +21,7 @@ from models.fx import to_usd
 from models.profile import UserProfile, apply_click
 from schemas.events import CLICKS, ClickEvent
 from sinks.redis_store import UserState
-from streams.runtime import RollupCounter, Runtime, wall_ms
+from streams.runtime import RollupCounter, Runtime, micro_batches, wall_ms
 
 
 async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> int:
@@ -37,7 +37,9 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
             stored = table.get(click.user_id.encode())
             profile = UserProfile.from_bytes(stored) if stored else UserProfile.new(click.user_id)
             profiles[click.user_id] = profile
-        session_before = list(profile.session_items) if click.session_id == profile.session_id else []
+        session_before = (
+            list(profile.session_items) if click.session_id == profile.session_id else []
+        )
         if not apply_click(profile, click):
             continue  # already applied before a restart
         if click.item_id and click.type != "remove_from_cart":
@@ -67,7 +69,9 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
             personalised=profile.personalisation,
         )
         states.append(
-            UserState(user_id, profile.last_event_id, profile.last_ts, profile.to_redis_hash(), recs)
+            UserState(
+                user_id, profile.last_event_id, profile.last_ts, profile.to_redis_hash(), recs
+            )
         )
     await runtime.redis.write_user_states(
         states, updated_at_ms=wall_ms(), processed={CLICKS: len(clicks)}
@@ -90,7 +94,7 @@ def register(runtime: Runtime) -> faust.types.AgentT:
 
     @topology.app.agent(topology.clicks, name="update_profiles_and_recs")
     async def update_profiles_and_recs(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(settings.batch_max_events, settings.batch_within_s):
+        async for events in micro_batches(stream, settings):
             await process_clicks(runtime, events)
 
     return update_profiles_and_recs

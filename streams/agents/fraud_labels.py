@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import faust
 
 from schemas.events import FRAUD_LABELS, FraudLabelEvent
-from streams.runtime import RollupCounter, Runtime, wall_ms
+from streams.runtime import RollupCounter, Runtime, micro_batches, wall_ms
 
 
 async def process_labels(runtime: Runtime, events: Sequence[faust.EventT]) -> int:
@@ -36,8 +36,17 @@ async def process_labels(runtime: Runtime, events: Sequence[faust.EventT]) -> in
     for partition, batch in by_partition.items():
         runtime.fraud_engine(partition).add_labels(batch)
         for label in batch:
-            rows.append((label.txn_id, label.user_id, label.label, label.ts // 1000, label.ts,
-                         label.source or "", ingested_at))
+            rows.append(
+                (
+                    label.txn_id,
+                    label.user_id,
+                    label.label,
+                    label.ts // 1000,
+                    label.ts,
+                    label.source or "",
+                    ingested_at,
+                )
+            )
             rollup.add(label.ts, label.label, None)
     runtime.clickhouse.add("fraud_labels", rows)
     runtime.clickhouse.add("events_per_minute", rollup.rows())
@@ -53,7 +62,7 @@ def register(runtime: Runtime) -> faust.types.AgentT:
 
     @topology.app.agent(topology.fraud_labels, name="learn_fraud_labels")
     async def learn_fraud_labels(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(settings.batch_max_events, settings.batch_within_s):
+        async for events in micro_batches(stream, settings):
             await process_labels(runtime, events)
 
     return learn_fraud_labels

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import faust
 
 from schemas.events import LOGISTICS, LogisticsEvent
-from streams.runtime import RollupCounter, Runtime, wall_ms
+from streams.runtime import RollupCounter, Runtime, micro_batches, wall_ms
 
 
 async def process_scans(runtime: Runtime, events: Sequence[faust.EventT]) -> int:
@@ -43,7 +43,7 @@ def register(runtime: Runtime) -> faust.types.AgentT:
 
     @topology.app.agent(topology.logistics, name="record_shipment_scans")
     async def record_shipment_scans(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(settings.batch_max_events, settings.batch_within_s):
+        async for events in micro_batches(stream, settings):
             await process_scans(runtime, events)
 
     return record_shipment_scans

@@ -23,7 +23,7 @@ import orjson
 
 from models.fraud import ScoredPayment
 from schemas.events import PAYMENTS, FraudAlert, PaymentEvent
-from streams.runtime import RollupCounter, Runtime, wall_ms
+from streams.runtime import RollupCounter, Runtime, micro_batches, wall_ms
 
 
 async def wait_for_labels(runtime: Runtime, partition: int, ts_ms: int) -> bool:
@@ -78,8 +78,12 @@ async def process_payments(runtime: Runtime, events: Sequence[faust.EventT]) -> 
                 scored.score.reasons, version, payment.billing_country or "",
                 payment.shipping_country or "", payment.ip_country or "", scored_at,
             ))  # fmt: skip
-            rollup.add(payment.ts, "payment", payment.ip_country or payment.billing_country,
-                       scored.amount_usd)
+            rollup.add(
+                payment.ts,
+                "payment",
+                payment.ip_country or payment.billing_country,
+                scored.amount_usd,
+            )
             if scored.is_alert:
                 alerts.append(alert_for(scored, engine.threshold, version))
 
@@ -101,7 +105,7 @@ def register(runtime: Runtime) -> faust.types.AgentT:
 
     @topology.app.agent(topology.payments, name="score_payments")
     async def score_payments(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(settings.batch_max_events, settings.batch_within_s):
+        async for events in micro_batches(stream, settings):
             await process_payments(runtime, events)
 
     return score_payments

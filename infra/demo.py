@@ -1,0 +1,156 @@
+"""``borderflow demo``: the main job once, end to end, on the running stack.
+
+Starts a worker, sends a seeded simulated shop (clicks, payments, chargebacks, shipments)
+through Kafka, waits until every event is processed, then prints what each user group sees:
+storefronts (recommendations and profiles from Redis), risk teams (alerts with reasons from
+``fraud-alerts``) and analysts (aggregates from ClickHouse). The worker is stopped at the end.
+
+Each run uses its own topics and consumer group (``demo-<run>-*``) so reruns never mix with
+earlier runs' offsets; Redis keys (``bf:``) and the ClickHouse database are the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import click
+import orjson
+
+from infra.bench import TOPICS, start_worker, wait_processed
+from infra.generator import GeneratorConfig, generate_to_list
+from infra.migrate import clickhouse_client, migrate
+from schemas.config import Settings
+from sinks.kafka import EventProducer, TopicReader, ensure_topics
+from sinks.redis_store import RedisStore
+
+
+def _section(title: str) -> None:
+    click.echo("")
+    click.secho(f"== {title} ", bold=True, nl=False)
+    click.echo("=" * max(0, 70 - len(title)))
+
+
+def run_demo(settings: Settings, *, users: int, days: int, seed: int) -> None:
+    run = settings.model_copy(
+        update={
+            "topic_prefix": f"demo-{uuid.uuid4().hex[:6]}-",
+            "app_id": f"borderflow-demo-{uuid.uuid4().hex[:6]}",
+        }
+    )
+    _section("setup")
+    migrate(run)
+    ensure_topics(run, TOPICS)
+    click.echo(
+        f"Kafka {run.kafka_bootstrap}  Redis {run.redis_url}  "
+        f"ClickHouse {run.clickhouse_host}:{run.clickhouse_port}/{run.clickhouse_database}"
+    )
+    click.echo(f"topics: {', '.join(run.topic(t) for t in TOPICS)}")
+
+    events = generate_to_list(GeneratorConfig(users=users, days=days, seed=seed))
+    mix = Counter(event.topic for event in events)
+    click.echo(f"simulated {len(events)} events over {days} days for {users} users: {dict(mix)}")
+
+    worker = start_worker(run, run.stack_dir / "demo", "worker")
+    click.echo(f"worker started (pid {worker.process.pid}, log {worker.log_path})")
+    try:
+        _section("pipeline")
+        started = time.perf_counter()
+        with EventProducer(run) as producer:
+            for event in events:
+                producer.send(run.topic(event.topic), event.key, orjson.dumps(event.value))
+            producer.flush(60)
+        produced_in = time.perf_counter() - started
+        click.echo(f"produced {len(events)} events in {produced_in:.1f}s")
+        first_t, first_n, done_t = wait_processed(run, len(events), worker, timeout_s=600)
+        rate = (len(events) - first_n) / max(done_t - first_t, 1e-6)
+        click.echo(
+            f"processed {len(events)} events; {rate:,.0f} events/s once the worker was "
+            f"running (one worker, {run.topic_partitions} partitions)"
+        )
+        time.sleep(run.clickhouse_flush_interval_s + 0.5)  # last ClickHouse flush
+        _show_storefront(run, events)
+        _show_alerts(run)
+        _show_analytics(run)
+    finally:
+        worker.stop()
+        click.echo("")
+        click.echo("worker stopped; the stack keeps running (make down stops it)")
+
+
+def _show_storefront(settings: Settings, events: list[Any]) -> None:
+    _section("storefronts: Redis")
+    buyers = [e.key for e in events if e.topic == "clicks" and e.value.get("type") == "purchase"]
+    sample = list(dict.fromkeys(reversed(buyers)))[:3]
+
+    async def read() -> None:
+        store = RedisStore(settings)
+        try:
+            for user_id in sample:
+                profile = await store.read_profile(user_id)
+                meta = await store.read_meta(user_id)
+                recs = await store.read_recs(user_id, 5)
+                click.echo(
+                    f"user {user_id} ({profile.get('country')}, {profile.get('device')}, "
+                    f"{profile.get('lang')}): {profile.get('frequency_purchases')} purchases, "
+                    f"{float(profile.get('monetary_usd', 0)):.2f} USD, "
+                    f"top categories {profile.get('top_categories')}"
+                )
+                click.echo(
+                    f"  recs after event {meta.get('last_event_id')}: "
+                    + ", ".join(f"{item} ({score:.2f})" for item, score in recs)
+                )
+        finally:
+            await store.aclose()
+
+    asyncio.run(read())
+    if sample:
+        click.echo(
+            f"read it yourself: redis-cli -p {settings.redis_port} "
+            f"ZREVRANGE {settings.redis_prefix}recs:{sample[0]} 0 9 WITHSCORES"
+        )
+
+
+def _show_alerts(settings: Settings) -> None:
+    _section("risk team: fraud-alerts topic")
+    with TopicReader(settings, settings.topic("fraud-alerts")) as reader:
+        alerts = [orjson.loads(m.value()) for m in reader.read_until_idle(idle_s=1.5)]
+    click.echo(f"{len(alerts)} alerts; the latest:")
+    for alert in alerts[-5:]:
+        click.echo(
+            f"  {alert['txn_id']} user {alert['user_id']} {alert['amount']:.2f} "
+            f"{alert['currency']} score {alert['score']:.2f}: {'; '.join(alert['reasons'])}"
+        )
+
+
+def _show_analytics(settings: Settings) -> None:
+    _section("analysts: ClickHouse")
+    client = clickhouse_client(settings, settings.clickhouse_database)
+    try:
+        rows = client.execute(
+            "SELECT topic, sum(events) AS events FROM events_per_minute "
+            "GROUP BY topic ORDER BY events DESC"
+        )
+        click.echo("events per topic (events_per_minute, all runs so far):")
+        for topic, count in rows:
+            click.echo(f"  {topic:<14}{count:>10,}")
+        rows = client.execute(
+            "SELECT ip_country, count() AS payments, sum(is_alert) AS alerts, "
+            "round(avg(score), 3) AS mean_score, round(sum(amount_usd), 2) AS usd "
+            "FROM fraud_scores FINAL GROUP BY ip_country ORDER BY payments DESC LIMIT 6"
+        )
+        click.echo("payments by IP country (fraud_scores FINAL):")
+        click.echo(f"  {'country':<9}{'payments':>9}{'alerts':>8}{'mean score':>12}{'USD':>14}")
+        for country, payments, alerts, mean_score, usd in rows:
+            click.echo(
+                f"  {country or '-':<9}{payments:>9}{alerts:>8}{mean_score:>12}{usd:>14,.2f}"
+            )
+    finally:
+        client.disconnect()
+    click.echo(
+        f"query it yourself: clickhouse-client --port {settings.clickhouse_port} "
+        f"-d {settings.clickhouse_database} -q 'SELECT count() FROM fraud_scores FINAL'"
+    )
