@@ -22,14 +22,9 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
-import signal
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections import Counter
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,55 +35,12 @@ import orjson
 
 from infra.generator import GeneratedEvent, GeneratorConfig, generate_to_list
 from infra.migrate import migrate
+from infra.processes import isolated, start_worker, wait_processed
 from schemas.config import Settings
-from schemas.errors import BorderflowError
 from sinks.kafka import EventProducer, TopicReader, ensure_topics
 from sinks.redis_store import RedisStore
 
 TOPICS = ["clicks", "payments", "fraud-labels", "logistics", "fraud-alerts", "deadletter"]
-
-
-@dataclass
-class WorkerProcess:
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-
-
-def start_worker(settings: Settings, log_dir: Path, name: str) -> WorkerProcess:
-    """Start ``borderflow worker`` for ``settings`` as a child process (own web port)."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}.log"
-    env = {**os.environ, **settings.to_env()}
-    log_file = log_path.open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "infra.cli", "worker", "--web-port", "0", "--loglevel", "warning"],
-        env=env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    return WorkerProcess(process, log_path)
-
-
-def isolated(settings: Settings, label: str, **updates: Any) -> Settings:
-    tag = f"{label}{uuid.uuid4().hex[:6]}"
-    return settings.model_copy(
-        update={
-            "topic_prefix": f"{tag}-",
-            "app_id": f"bf-{tag}",
-            "redis_prefix": f"{tag}:",
-            **updates,
-        }
-    )
 
 
 def produce_all(settings: Settings, events: list[GeneratedEvent]) -> float:
@@ -99,42 +51,6 @@ def produce_all(settings: Settings, events: list[GeneratedEvent]) -> float:
             producer.send(settings.topic(event.topic), event.key, orjson.dumps(event.value))
         producer.flush(60)
     return len(events) / (time.perf_counter() - started)
-
-
-async def _processed_total(store: RedisStore) -> int:
-    return sum((await store.processed_counts()).values())
-
-
-def wait_processed(
-    settings: Settings, expected: int, worker: WorkerProcess, timeout_s: float
-) -> tuple[float, int, float]:
-    """Poll the worker's counters; returns (first_progress_time, count_then, done_time)."""
-
-    async def poll() -> tuple[float, int, float]:
-        store = RedisStore(settings)
-        try:
-            deadline = time.monotonic() + timeout_s
-            first: tuple[float, int] | None = None
-            while time.monotonic() < deadline:
-                if worker.process.poll() is not None:
-                    raise BorderflowError(
-                        f"worker exited with {worker.process.returncode}; see {worker.log_path}"
-                    )
-                done = await _processed_total(store)
-                now = time.perf_counter()
-                if first is None and done > 0:
-                    first = (now, done)
-                if done >= expected and first is not None:
-                    return first[0], first[1], now
-                await asyncio.sleep(0.02)
-            raise BorderflowError(
-                f"worker processed fewer than {expected} events in {timeout_s:.0f}s; "
-                f"see {worker.log_path}"
-            )
-        finally:
-            await store.aclose()
-
-    return asyncio.run(poll())
 
 
 def measure_throughput(

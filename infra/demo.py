@@ -20,9 +20,10 @@ from typing import Any
 import click
 import orjson
 
-from infra.bench import TOPICS, start_worker, wait_processed
+from infra.bench import TOPICS
 from infra.generator import GeneratorConfig, generate_to_list
 from infra.migrate import clickhouse_client, migrate
+from infra.processes import start_worker, wait_processed
 from schemas.config import Settings
 from sinks.kafka import EventProducer, TopicReader, ensure_topics
 from sinks.redis_store import RedisStore

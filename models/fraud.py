@@ -184,6 +184,8 @@ class Score:
     score: float
     model_score: float
     reasons: list[str]
+    #: The model that produced the score: its kind and how many labels it had learned.
+    model_version: str = ""
 
 
 class FraudModel:
@@ -218,7 +220,12 @@ class FraudModel:
             reasons.append("amount spike from a new device in another country")
         if self.labels_learned:
             reasons.extend(self._top_contributions(x))
-        return Score(round(max(model_score, rule_score), 6), round(model_score, 6), reasons[:4])
+        return Score(
+            round(max(model_score, rule_score), 6),
+            round(model_score, 6),
+            reasons[:4],
+            f"{self.VERSION}@{self.labels_learned}",
+        )
 
     def _top_contributions(self, x: dict[str, float], n: int = 3) -> list[str]:
         scaler = self.pipeline["StandardScaler"]

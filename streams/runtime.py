@@ -147,9 +147,11 @@ class Runtime:
         tp = TP(self.settings.topic("fraud-labels"), partition)
         try:
             highwater = self.topology.app.consumer.highwater(tp)
-        except Exception:  # not assigned or no fetch yet: nothing to wait for
+        except AssertionError:  # not assigned to this worker: nothing to wait for
             return True
-        if not highwater:
+        if highwater is None:  # not fetched yet: its labels may still be on the way
+            return False
+        if highwater == 0:  # an empty partition
             return True
         seen = self.label_offsets.get(partition)
         return seen is not None and seen + 1 >= highwater

@@ -37,7 +37,7 @@ async def wait_for_labels(runtime: Runtime, partition: int, ts_ms: int) -> bool:
     return True
 
 
-def alert_for(scored: ScoredPayment, threshold: float, model_version: str) -> FraudAlert:
+def alert_for(scored: ScoredPayment, threshold: float) -> FraudAlert:
     payment = scored.payment
     return FraudAlert(
         alert_id=f"alert-{payment.event_id}",
@@ -51,7 +51,7 @@ def alert_for(scored: ScoredPayment, threshold: float, model_version: str) -> Fr
         score=scored.score.score,
         threshold=threshold,
         reasons=scored.score.reasons or ["high model score"],
-        model_version=model_version,
+        model_version=scored.score.model_version,
     )
 
 
@@ -68,14 +68,13 @@ async def process_payments(runtime: Runtime, events: Sequence[faust.EventT]) -> 
     for partition, batch in by_partition.items():
         await wait_for_labels(runtime, partition, max(p.ts for p in batch))
         engine = runtime.fraud_engine(partition)
-        version = engine.model_version
         for scored in engine.score(batch):
             payment = scored.payment
             rows.append((
                 payment.event_id, payment.user_id, payment.card_id, payment.merchant_id,
                 payment.ts // 1000, payment.ts, payment.amount, payment.currency,
                 scored.amount_usd, scored.score.score, int(scored.is_alert), engine.threshold,
-                scored.score.reasons, version, payment.billing_country or "",
+                scored.score.reasons, scored.score.model_version, payment.billing_country or "",
                 payment.shipping_country or "", payment.ip_country or "", scored_at,
             ))  # fmt: skip
             rollup.add(
@@ -85,7 +84,7 @@ async def process_payments(runtime: Runtime, events: Sequence[faust.EventT]) -> 
                 scored.amount_usd,
             )
             if scored.is_alert:
-                alerts.append(alert_for(scored, engine.threshold, version))
+                alerts.append(alert_for(scored, engine.threshold))
 
     for alert in alerts:
         await runtime.topology.fraud_alerts.send(
