@@ -6,7 +6,9 @@ chosen by name (``settings.pipeline``): ``batched`` (production) or ``naive`` (b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 
 import faust
 import mode
@@ -16,6 +18,8 @@ from schemas.errors import BorderflowError
 from streams.agents import clicks, fraud_labels, logistics, naive, payments
 from streams.runtime import Runtime
 from streams.topology import build_topology
+
+log = logging.getLogger(__name__)
 
 
 def _register_batched(runtime: Runtime) -> None:
@@ -48,4 +52,25 @@ def create_worker_app(settings: Settings) -> tuple[faust.App, Runtime]:
             await runtime.close()
 
     topology.app.service(RuntimeService)
+    topology.app.task(_shorten_fetch_wait(topology.app, settings.consumer_fetch_max_wait_ms))
     return topology.app, runtime
+
+
+def _shorten_fetch_wait(app: faust.App, wait_ms: int) -> Callable[[], Awaitable[None]]:
+    """A start-up task that sets the consumer's fetch wait (Faust offers no setting for it).
+
+    The aiokafka consumer is created by Faust's consumer thread after start; its fetcher reads
+    ``_fetch_max_wait_ms`` for every request, so changing it once takes effect at once.
+    """
+
+    async def shorten() -> None:
+        for _ in range(600):
+            thread = getattr(app.consumer, "_thread", None)
+            fetcher = getattr(getattr(thread, "_consumer", None), "_fetcher", None)
+            if fetcher is not None:
+                fetcher._fetch_max_wait_ms = wait_ms
+                return
+            await asyncio.sleep(0.1)
+        log.warning("could not set the consumer fetch wait; latency may be higher")
+
+    return shorten
