@@ -127,9 +127,7 @@ def test_new_session_id_starts_a_new_session() -> None:
 
 
 def test_long_gap_under_the_same_session_id_starts_a_new_session() -> None:
-    profile = profile_from(
-        click(T0, item_id="a"), click(T0 + SESSION_GAP_MS + 1, item_id="b")
-    )
+    profile = profile_from(click(T0, item_id="a"), click(T0 + SESSION_GAP_MS + 1, item_id="b"))
     assert profile.sessions == 2
     assert profile.session_items == ["b"]
     assert profile.session_start == T0 + SESSION_GAP_MS + 1

@@ -1,0 +1,575 @@
+"""The agents' batch handlers, with fakes for everything that leaves the process.
+
+Each test builds the real topology (``build_topology``) and a :class:`Runtime` whose Redis
+store and ClickHouse writer are in-memory fakes; the two output topics get async fakes for
+``send``. Faust events are stand-ins with ``.value`` and ``.message``, so the handlers run
+without a broker or a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import orjson
+import pytest
+
+from models.fraud import HOUR_MS
+from models.profile import UserProfile
+from schemas.config import Settings
+from schemas.events import DeadLetter, FraudAlert
+from sinks.clickhouse import TABLE_COLUMNS, ClickHouseWriter
+from sinks.redis_store import RedisStore, UserState
+from streams.agents.clicks import process_clicks
+from streams.agents.fraud_labels import process_labels
+from streams.agents.logistics import process_scans
+from streams.agents.payments import process_payments
+from streams.runtime import Runtime
+from streams.topology import build_topology
+
+pytestmark = pytest.mark.timeout(30)
+
+T0 = 1_767_268_800_000  # 2026-01-01T12:00:00Z
+MINUTE = 60_000
+
+
+# -- fakes ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeMessage:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    timestamp: float  # producer CreateTime, seconds
+    refcount: int = 0
+    acks: list[Any] = field(default_factory=list)
+
+    def incref(self, n: int = 1) -> None:
+        self.refcount += n
+
+    def ack(self, consumer: Any, n: int = 1) -> bool:
+        self.acks.append(consumer)
+        self.refcount -= n
+        return self.refcount == 0
+
+
+@dataclass
+class FakeEvent:
+    value: bytes | None
+    message: FakeMessage
+
+
+class FakeRedisStore:
+    def __init__(self) -> None:
+        self.state_writes: list[list[UserState]] = []
+        self.processed: Counter[str] = Counter()
+        self.latencies: list[tuple[str, list[float]]] = []
+
+    async def write_user_states(
+        self, states: Iterable[UserState], *, updated_at_ms: int, processed: Mapping[str, int]
+    ) -> list[int]:
+        batch = list(states)
+        self.state_writes.append(batch)
+        self.processed.update(processed)
+        return [1] * len(batch)
+
+    async def count_processed(self, processed: Mapping[str, int]) -> None:
+        self.processed.update(processed)
+
+    async def record_latencies(self, stage: str, samples_ms: list[float]) -> None:
+        self.latencies.append((stage, samples_ms))
+
+    async def aclose(self) -> None:
+        pass
+
+
+class FakeWriter:
+    """Keeps rows and durability callbacks; ``make_durable`` plays the writer thread."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[tuple[Any, ...]]] = {}
+        self.callbacks: list[Callable[[], None]] = []
+
+    def add(
+        self,
+        table: str,
+        rows: list[tuple[Any, ...]],
+        on_durable: Callable[[], None] | None = None,
+    ) -> None:
+        assert table in TABLE_COLUMNS
+        for row in rows:
+            assert len(row) == len(TABLE_COLUMNS[table]), (table, row)
+        self.rows.setdefault(table, []).extend(rows)
+        if on_durable is not None:
+            self.callbacks.append(on_durable)
+
+    def add_callback(self, on_durable: Callable[[], None]) -> None:
+        self.callbacks.append(on_durable)
+
+    def has_capacity(self) -> bool:
+        return True
+
+    def wait_for_capacity(self, timeout: float | None = None) -> bool:
+        return True
+
+    def close(self, timeout: float = 30.0) -> None:
+        pass
+
+    def make_durable(self) -> None:
+        callbacks, self.callbacks = self.callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def table(self, name: str) -> list[dict[str, Any]]:
+        return [dict(zip(TABLE_COLUMNS[name], row, strict=True)) for row in self.rows.get(name, [])]
+
+
+@dataclass
+class Harness:
+    runtime: Runtime
+    settings: Settings
+    redis: FakeRedisStore
+    writer: FakeWriter
+    deadletters: list[dict[str, Any]]
+    alerts: list[tuple[bytes, dict[str, Any]]]
+    table_writes: Counter[bytes]
+    offsets: Counter[tuple[str, int]] = field(default_factory=Counter)
+
+    def event(self, topic: str, value: bytes | dict[str, Any] | list[Any], partition: int = 0,
+              key: bytes | None = None) -> FakeEvent:  # fmt: skip
+        raw = value if isinstance(value, bytes) else orjson.dumps(value)
+        offset = self.offsets[(topic, partition)]
+        self.offsets[(topic, partition)] += 1
+        if key is None and isinstance(value, dict):
+            key = str(value.get("user_id", "")).encode()
+        message = FakeMessage(self.settings.topic(topic), partition, offset, key, T0 / 1000)
+        return FakeEvent(raw, message)
+
+    async def settle(self) -> None:
+        """Run the writer's callbacks, then let the loop run what they scheduled."""
+        self.writer.make_durable()
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def harness(monkeypatch: pytest.MonkeyPatch) -> Harness:
+    settings = Settings(
+        topic_prefix="agents-",
+        topic_partitions=4,
+        app_id="borderflow-agents-test",
+        fraud_label_wait_s=0.0,
+        fraud_label_apply_delay_s=3600.0,
+        recs_top_n=10,
+    )
+    topology = build_topology(settings)
+    redis = FakeRedisStore()
+    writer = FakeWriter()
+    runtime = Runtime(
+        settings,
+        topology,
+        redis=cast(RedisStore, redis),
+        clickhouse=cast(ClickHouseWriter, writer),
+    )
+    deadletters: list[dict[str, Any]] = []
+    alerts: list[tuple[bytes, dict[str, Any]]] = []
+
+    async def send_deadletter(*, key: Any = None, value: bytes, **_: Any) -> None:
+        deadletters.append({"key": key, **orjson.loads(value)})
+
+    async def send_alert(*, key: bytes, value: bytes, **_: Any) -> None:
+        alerts.append((key, orjson.loads(value)))
+
+    monkeypatch.setattr(topology.deadletter, "send", send_deadletter)
+    monkeypatch.setattr(topology.fraud_alerts, "send", send_alert)
+
+    # Writing to the Faust table works outside a worker (the changelog record is only
+    # buffered), so the real table is used; its per-key set hook is wrapped to count writes.
+    table_writes: Counter[bytes] = Counter()
+    table = topology.user_profiles
+    original_on_key_set = table.on_key_set
+
+    def counting_on_key_set(key: bytes, value: bytes) -> None:
+        table_writes[key] += 1
+        original_on_key_set(key, value)
+
+    monkeypatch.setattr(table, "on_key_set", counting_on_key_set)
+
+    # The consumer's high-water marks only exist in a running worker: treat the label
+    # stream as caught up (what a worker reports once it has read every label).
+    monkeypatch.setattr(runtime, "labels_caught_up", lambda partition: True)
+    return Harness(runtime, settings, redis, writer, deadletters, alerts, table_writes)
+
+
+_ids = itertools.count()
+
+
+def click(user: str, ts: int, **overrides: Any) -> dict[str, Any]:
+    value = {
+        "event_id": f"c{next(_ids)}",
+        "ts": ts,
+        "user_id": user,
+        "session_id": f"s-{user}",
+        "type": "view",
+        "item_id": "i1",
+        "country": "DE",
+    }
+    value.update(overrides)
+    return value
+
+
+def payment(user: str, ts: int, **overrides: Any) -> dict[str, Any]:
+    value = {
+        "event_id": f"p{next(_ids)}",
+        "ts": ts,
+        "user_id": user,
+        "card_id": f"card-{user}",
+        "merchant_id": "m1",
+        "amount": 25.0,
+        "currency": "EUR",
+        "billing_country": "DE",
+        "shipping_country": "DE",
+        "ip_country": "DE",
+        "device_id": f"dev-{user}",
+    }
+    value.update(overrides)
+    return value
+
+
+def assert_deadletter(record: dict[str, Any], event: FakeEvent, field_name: str | None) -> None:
+    DeadLetter.model_validate({k: v for k, v in record.items() if k != "key"})
+    assert record["source_topic"] == event.message.topic
+    assert record["partition"] == event.message.partition
+    assert record["offset"] == event.message.offset
+    assert record["key"] == event.message.key
+    if field_name is not None:
+        assert record["error"].startswith(f"{field_name}:"), record["error"]
+
+
+# -- clicks ---------------------------------------------------------------------------------------
+
+
+async def test_clicks_write_one_state_per_user_with_the_latest_event(harness: Harness) -> None:
+    u1 = [click("u1", T0 + i * MINUTE, item_id=f"item{i}", category="shoes") for i in range(6)]
+    u1[2]["ts"] = T0 + 30 * MINUTE  # the newest by event time, though not the last delivered
+    u1.append(click("u1", T0 + 10 * MINUTE, type="purchase", item_id="item9", price=10.0,
+                    currency="EUR"))  # fmt: skip
+    u2 = [click("u2", T0 + i * MINUTE, item_id=f"item{i}") for i in range(2)]
+    events = [harness.event("clicks", value) for value in [*u1, *u2]]
+
+    assert await process_clicks(harness.runtime, events) == len(u1) + len(u2)
+
+    [states] = harness.redis.state_writes
+    by_user = {state.user_id: state for state in states}
+    assert set(by_user) == {"u1", "u2"}
+    assert (by_user["u1"].event_id, by_user["u1"].event_ts) == (u1[2]["event_id"], T0 + 30 * MINUTE)
+    assert (by_user["u2"].event_id, by_user["u2"].event_ts) == (u2[1]["event_id"], u2[1]["ts"])
+    profile = by_user["u1"].profile
+    assert profile["events"] == len(u1)
+    assert profile["frequency_purchases"] == 1
+    assert profile["monetary_usd"] == pytest.approx(10.8)
+    assert profile["country"] == "DE"
+    assert "item9" not in [item for item, _ in by_user["u1"].recs]  # just bought
+    assert harness.redis.processed == Counter({harness.settings.topic("clicks")[7:]: 9})
+
+    # One table write per user for the whole batch, holding the final profile.
+    assert harness.table_writes == Counter({b"u1": 1, b"u2": 1})
+    stored = UserProfile.from_bytes(harness.runtime.topology.user_profiles[b"u1"])
+    assert stored.events == len(u1)
+    assert stored.last_event_id == u1[2]["event_id"]
+
+    rollup = harness.writer.table("events_per_minute")
+    assert sum(row["events"] for row in rollup) == 9
+    assert {row["topic"] for row in rollup} == {"clicks"}
+    purchases = [row for row in rollup if row["event_type"] == "purchase"]
+    assert [row["amount_usd"] for row in purchases] == [pytest.approx(10.8)]
+
+
+async def test_the_next_batch_continues_the_stored_profile(harness: Harness) -> None:
+    first = click("u1", T0)
+    await process_clicks(harness.runtime, [harness.event("clicks", first)])
+    second = click("u1", T0 + MINUTE, item_id="i2")
+    await process_clicks(
+        harness.runtime, [harness.event("clicks", first), harness.event("clicks", second)]
+    )  # the first click is redelivered
+    state = harness.redis.state_writes[-1][0]
+    assert state.profile["events"] == 2
+    assert state.event_id == second["event_id"]
+    assert harness.table_writes[b"u1"] == 2  # one per batch
+
+
+async def test_users_get_recommendations_from_other_sessions(harness: Harness) -> None:
+    events = []
+    for i in range(5):  # five other users: phone, then case
+        events.append(harness.event("clicks", click(f"o{i}", T0, item_id="phone")))
+        events.append(harness.event("clicks", click(f"o{i}", T0 + 1, item_id="case")))
+    await process_clicks(harness.runtime, events)
+    await process_clicks(harness.runtime, [harness.event("clicks", click("me", T0 + 2,
+                                                                          item_id="phone"))])  # fmt: skip
+    [state] = harness.redis.state_writes[-1]
+    assert state.recs[0][0] == "case"
+    assert len(state.recs) <= harness.settings.recs_top_n
+
+
+async def test_opted_out_user_gets_only_popular_items(harness: Harness) -> None:
+    events = []
+    for i in range(3):
+        events.append(harness.event("clicks", click(f"o{i}", T0, item_id="a")))
+        events.append(harness.event("clicks", click(f"o{i}", T0 + 1, item_id="niche")))
+    for i in range(6):
+        events.append(harness.event("clicks", click(f"p{i}", T0, item_id="bestseller")))
+    await process_clicks(harness.runtime, events)
+    opted_out = click("me", T0 + 2, item_id="a", personalisation=False)
+    await process_clicks(harness.runtime, [harness.event("clicks", opted_out)])
+    [state] = harness.redis.state_writes[-1]
+    assert state.profile["personalisation"] == 0
+    expected = harness.runtime.recommender.recommend(
+        [], country="DE", n=harness.settings.recs_top_n, personalised=False
+    )
+    assert state.recs == expected
+    assert state.recs[0][0] == "bestseller"
+
+
+async def test_invalid_clicks_are_dead_lettered_with_reason_position_and_bytes(
+    harness: Harness,
+) -> None:
+    good = click("u1", T0)
+    not_json = harness.event("clicks", b"\xffnot json", partition=2, key=b"k")
+    missing_item = harness.event("clicks", click("u1", T0, item_id=None), partition=1)
+    batch = harness.event(
+        "clicks", [click("u3", T0), {"event_id": "x", "ts": "yesterday"}, 7], partition=3,
+        key=b"u3",
+    )  # fmt: skip
+    ok = harness.event("clicks", good)
+    events = [ok, not_json, missing_item, batch]
+
+    assert await process_clicks(harness.runtime, events) == 2
+    records = harness.deadletters
+    assert len(records) == 4
+    assert harness.runtime.deadlettered == 4
+
+    assert_deadletter(records[0], not_json, None)
+    assert base64.b64decode(records[0]["payload_b64"]) == b"\xffnot json"
+    assert records[0]["payload"] == "\ufffdnot json"
+    assert records[0]["index"] is None
+
+    assert_deadletter(records[1], missing_item, None)
+    assert "item_id is required" in records[1]["error"]
+    assert base64.b64decode(records[1]["payload_b64"]) == missing_item.value
+
+    assert_deadletter(records[2], batch, "ts")
+    assert records[2]["index"] == 1
+    assert orjson.loads(base64.b64decode(records[2]["payload_b64"])) == {
+        "event_id": "x", "ts": "yesterday"
+    }  # fmt: skip
+    assert_deadletter(records[3], batch, None)
+    assert (records[3]["index"], records[3]["error"]) == (3 - 1, "array element is not a JSON "
+                                                          "object")  # fmt: skip
+
+    assert {s.user_id for s in harness.redis.state_writes[0]} == {"u1", "u3"}
+
+
+async def test_batch_offsets_are_committed_only_when_clickhouse_has_the_rows(
+    harness: Harness,
+) -> None:
+    events = [harness.event("clicks", click("u1", T0 + i)) for i in range(3)]
+    events.append(harness.event("clicks", b"{broken"))
+    await process_clicks(harness.runtime, events)
+    assert [e.message.refcount for e in events] == [1, 1, 1, 1]  # held, bad one included
+    assert all(e.message.acks == [] for e in events)
+
+    await harness.settle()
+    consumer = harness.runtime.topology.app.consumer
+    assert [e.message.acks for e in events] == [[consumer]] * 4
+    assert [e.message.refcount for e in events] == [0, 0, 0, 0]
+
+
+async def test_latency_samples_are_recorded_when_asked(harness: Harness) -> None:
+    runtime = harness.runtime
+    runtime.settings = runtime.settings.model_copy(update={"record_latency": True})
+    events = [harness.event("clicks", click("u1", T0 + i)) for i in range(3)]
+    events.append(harness.event("clicks", b"{}"))
+    await process_clicks(runtime, events)
+    [(stage, samples)] = harness.redis.latencies
+    assert stage == "recs"
+    assert len(samples) == 3  # valid clicks only
+    assert all(s > 0 for s in samples)
+
+
+# -- payments -------------------------------------------------------------------------------------
+
+
+async def test_payments_become_fraud_score_rows_and_card_testing_alerts(harness: Harness) -> None:
+    normal = [payment(f"n{i}", T0 + i * MINUTE) for i in range(3)]
+    burst = [payment("thief", T0 + i * 1000, amount=1.0, currency="USD") for i in range(4)]
+    burst.append(payment("thief", T0 + 5000, amount=900.0, currency="USD", ip_country="NG"))
+    events = [harness.event("payments", v, partition=0) for v in normal]
+    events += [harness.event("payments", v, partition=1) for v in burst]
+    events.append(harness.event("payments", payment("n9", T0, amount=-3.0), partition=0))
+
+    assert await process_payments(harness.runtime, events) == len(normal) + len(burst)
+
+    rows = harness.writer.rows["fraud_scores"]
+    assert all(len(row) == len(TABLE_COLUMNS["fraud_scores"]) for row in rows)
+    scores = {row["txn_id"]: row for row in harness.writer.table("fraud_scores")}
+    assert set(scores) == {v["event_id"] for v in [*normal, *burst]}
+    big = scores[burst[-1]["event_id"]]
+    assert big["is_alert"] == 1
+    assert big["score"] >= harness.settings.fraud_alert_threshold
+    assert big["threshold"] == harness.settings.fraud_alert_threshold
+    assert big["ts"] == burst[-1]["ts"] // 1000 and big["ts_ms"] == burst[-1]["ts"]
+    assert big["ip_country"] == "NG"
+    assert any("card testing" in reason for reason in big["reasons"])
+    first = scores[normal[0]["event_id"]]
+    assert (first["is_alert"], first["currency"], first["amount"]) == (0, "EUR", 25.0)
+    assert first["amount_usd"] == pytest.approx(27.0)
+
+    assert len(harness.alerts) == 1
+    key, alert = harness.alerts[0]
+    assert key == b"thief"
+    FraudAlert.model_validate(alert)
+    assert alert["txn_id"] == burst[-1]["event_id"]
+    assert alert["alert_id"] == f"alert-{burst[-1]['event_id']}"
+    assert alert["reasons"][0].startswith("card testing")
+
+    # One engine per payments partition; the invalid payment is dead-lettered.
+    assert set(harness.runtime.fraud_engines) == {0, 1}
+    [record] = harness.deadletters
+    assert record["error"].startswith("amount:")
+    assert sum(r["events"] for r in harness.writer.table("events_per_minute")) == 8
+
+
+async def test_redelivered_payment_batch_scores_the_same(harness: Harness) -> None:
+    values = [payment("u1", T0 + i, amount=1.0, currency="USD") for i in range(7)]
+    await process_payments(harness.runtime, [harness.event("payments", v) for v in values])
+    first = harness.writer.table("fraud_scores")
+    await process_payments(harness.runtime, [harness.event("payments", v) for v in values])
+    again = harness.writer.table("fraud_scores")[len(first) :]
+    assert [(r["txn_id"], r["score"], r["reasons"]) for r in again] == [
+        (r["txn_id"], r["score"], r["reasons"]) for r in first
+    ]
+    assert len(harness.alerts) == 2 * sum(r["is_alert"] for r in first)
+
+
+# -- labels ---------------------------------------------------------------------------------------
+
+
+async def test_labels_are_stored_and_queued_in_their_partitions_engine(harness: Harness) -> None:
+    paid = payment("u1", T0)
+    await process_payments(harness.runtime, [harness.event("payments", paid, partition=2)])
+    label = {"event_id": "l1", "ts": T0 + MINUTE, "user_id": "u1", "txn_id": paid["event_id"],
+             "label": "fraud", "source": "chargeback"}  # fmt: skip
+    events = [
+        harness.event("fraud-labels", label, partition=2),
+        harness.event("fraud-labels", {"event_id": "l2", "label": "maybe"}, partition=2),
+        harness.event("fraud-labels", label | {"event_id": "l3", "txn_id": "x"}, partition=3),
+    ]
+    assert await process_labels(harness.runtime, events) == 2
+
+    rows = harness.writer.table("fraud_labels")
+    assert [(r["txn_id"], r["label"], r["ts_ms"], r["source"]) for r in rows] == [
+        (paid["event_id"], "fraud", T0 + MINUTE, "chargeback"),
+        ("x", "fraud", T0 + MINUTE, "chargeback"),
+    ]
+    assert rows[0]["ts"] == (T0 + MINUTE) // 1000
+    engine = harness.runtime.fraud_engines[2]
+    assert engine.pending_labels == 1
+    assert engine.label_watermark_ms == T0 + MINUTE
+    assert harness.runtime.fraud_engines[3].pending_labels == 1
+    # Offsets of every label message count, also of the invalid one.
+    assert harness.runtime.label_offsets == {2: 1, 3: 0}
+    assert len(harness.deadletters) == 1
+    assert harness.redis.processed["fraud-labels"] == 2
+
+    # A later payment in the same partition makes the engine learn the label.
+    later = payment("u1", T0 + MINUTE + HOUR_MS)
+    await process_payments(harness.runtime, [harness.event("payments", later, partition=2)])
+    assert (engine.labels_applied, engine.pending_labels) == (1, 0)
+    assert harness.writer.table("fraud_scores")[-1]["model_version"].endswith("@1")
+
+    await harness.settle()
+    assert all(e.message.refcount == 0 and len(e.message.acks) == 1 for e in events)
+
+
+# -- logistics ------------------------------------------------------------------------------------
+
+
+async def test_scans_become_shipment_rows(harness: Harness) -> None:
+    scan = {"event_id": "s1", "ts": T0, "user_id": "u1", "order_id": "o1", "carrier": "dhl",
+            "origin_country": "CN", "dest_country": "DE", "status": "customs_hold",
+            "promised_ts": T0 + 86_400_000, "location": "FRA"}  # fmt: skip
+    plain = scan | {"event_id": "s2", "status": "delivered"}
+    del plain["promised_ts"], plain["location"]
+    events = [
+        harness.event("logistics", scan),
+        harness.event("logistics", plain),
+        harness.event("logistics", scan | {"event_id": "s3", "status": "lost"}),
+    ]
+    assert await process_scans(harness.runtime, events) == 2
+    rows = harness.writer.table("shipment_events")
+    assert all(len(r) == len(TABLE_COLUMNS["shipment_events"]) for r in rows)
+    assert [(r["event_id"], r["status"], r["promised_ts_ms"], r["location"]) for r in rows] == [
+        ("s1", "customs_hold", T0 + 86_400_000, "FRA"),
+        ("s2", "delivered", 0, ""),
+    ]
+    assert rows[0]["ts"] == T0 // 1000 and rows[0]["ts_ms"] == T0
+    rollup = {(r["event_type"], r["country"]): r["events"]
+              for r in harness.writer.table("events_per_minute")}  # fmt: skip
+    assert rollup == {("customs_hold", "DE"): 1, ("delivered", "DE"): 1}
+    [record] = harness.deadletters
+    assert record["error"].startswith("status:")
+    assert harness.redis.processed["logistics"] == 2
+
+
+# -- with the real writer thread ------------------------------------------------------------------
+
+
+class _RecordingClient:
+    def __init__(self) -> None:
+        self.inserted: list[str] = []
+        self.lock = threading.Lock()
+
+    def execute(self, query: str, data: Any = None, columnar: bool = False) -> None:
+        with self.lock:
+            self.inserted.append(query.split()[2])
+
+    def disconnect(self) -> None:
+        pass
+
+
+async def test_real_writer_releases_offsets_after_the_insert(harness: Harness) -> None:
+    client = _RecordingClient()
+    writer = ClickHouseWriter(
+        harness.settings.model_copy(update={"clickhouse_flush_interval_s": 60.0}),
+        client_factory=lambda: client,
+    )
+    runtime = Runtime(
+        harness.settings,
+        harness.runtime.topology,
+        redis=cast(RedisStore, harness.redis),
+        clickhouse=writer,
+    )
+    try:
+        events = [harness.event("logistics", {"event_id": "s", "ts": T0, "user_id": "u",
+                  "order_id": "o", "carrier": "c", "origin_country": "CN",
+                  "dest_country": "DE", "status": "picked"})]  # fmt: skip
+        await process_scans(runtime, events)
+        assert events[0].message.refcount == 1 and events[0].message.acks == []
+        assert client.inserted == []
+        assert await asyncio.to_thread(writer.flush, 10.0)
+        for _ in range(100):
+            if events[0].message.acks:
+                break
+            await asyncio.sleep(0.01)
+        assert sorted(client.inserted) == ["events_per_minute", "shipment_events"]
+        assert events[0].message.acks == [runtime.topology.app.consumer]
+    finally:
+        await runtime.close()
