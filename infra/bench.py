@@ -1,9 +1,9 @@
 """``borderflow bench``: throughput and latency of the real pipeline on the running stack.
 
 Workload: the seeded generator (``GeneratorConfig(users=n_events // 100, days=12,
-seed=11)``), the first ``n_events`` events in event-time order — mostly clicks, with payments, fraud labels and
-logistics scans, every capability on. Each variant gets fresh topics, app id and Redis
-prefix, so runs never see each other's data.
+seed=11)``), the first ``n_events`` events in event-time order: mostly clicks, with
+payments, fraud labels and logistics scans, every capability on. Each variant gets fresh
+topics, app id and Redis prefix, so runs never see each other's data.
 
 1. **Throughput**, per variant (``naive`` then ``batched``, same process, same workload):
    the workload is produced to the topics first, then one worker is started; events/s is
