@@ -193,9 +193,7 @@ def run_bench(
     migrate(bench_settings)
     # The generator makes ~8.5 events per user and day: n/100 users over 12 days fill the
     # workload and reach past the 7-day settlement delay, so labels are part of the mix.
-    config = GeneratorConfig(
-        users=max(100, n_events // 100), days=12, seed=11, max_events=n_events
-    )
+    config = GeneratorConfig(users=max(100, n_events // 100), days=12, seed=11, max_events=n_events)
     events = generate_to_list(config)
     mix = Counter(event.topic for event in events)
     log_dir = settings.stack_dir / "bench"

@@ -1,13 +1,14 @@
 """The ``borderflow`` command line: one entry point for operators, analysts and developers.
 
 Settings are read once here (environment, ``BORDERFLOW_`` prefix) and handed to every
-sub-command through the click context. Any :class:`BorderflowError` (and any other failure)
-is printed as one readable line with a non-zero exit code; ``BORDERFLOW_DEBUG=1`` shows the
+sub-command through the click context. Any failure is printed as one readable line with a
+non-zero exit code (unexpected exception types are named); ``BORDERFLOW_DEBUG=1`` shows the
 traceback instead.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -27,6 +28,11 @@ def cli(ctx: click.Context) -> None:
     Configuration comes from BORDERFLOW_* environment variables (see docs/operations.md);
     the defaults point at the local stack started by `borderflow stack up`.
     """
+    if ctx.invoked_subcommand != "worker":  # Faust configures the worker's logging itself
+        logging.basicConfig(level=logging.ERROR, format="borderflow: %(name)s: %(message)s")
+        # The driver logs each failed connection with a traceback, then raises; main()
+        # reports the exception as one line, so the log record would only be noise.
+        logging.getLogger("clickhouse_driver").setLevel(logging.CRITICAL)
     if ctx.obj is None:
         ctx.obj = Settings()
 
@@ -156,7 +162,7 @@ _register_optional_commands()
 
 def main() -> None:
     try:
-        cli.main(standalone_mode=False, prog_name="borderflow")
+        exit_code = cli.main(standalone_mode=False, prog_name="borderflow")
     except click.exceptions.Abort:
         click.echo("borderflow: aborted", err=True)
         sys.exit(130)
@@ -165,12 +171,17 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except (BorderflowError, ValidationError, OSError) as exc:
+    except Exception as exc:
         if os.environ.get("BORDERFLOW_DEBUG"):
             raise
-        message = str(exc).strip().replace("\n", " ") or type(exc).__name__
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if not isinstance(exc, BorderflowError | ValidationError | OSError):
+            message = f"{type(exc).__name__}: {message}"
         click.echo(f"borderflow: error: {message}", err=True)
         sys.exit(1)
+    # In standalone_mode=False, click returns the code a command passed to ctx.exit().
+    if isinstance(exit_code, int) and exit_code:
+        sys.exit(exit_code)
 
 
 if __name__ == "__main__":

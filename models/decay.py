@@ -45,25 +45,31 @@ class GrowingWeight:
 
     Instead of shrinking all old scores, new increments grow as ``2 ** ((t - t0) / half_life)``;
     ranking by the stored sums is then the same as ranking by decayed sums. When the weight
-    gets large, ``rescale_factor`` tells the owner to divide everything once and restart.
+    would get large, the owner rebases: it multiplies every stored score by the factor
+    ``rebase`` returns (which may underflow to 0.0 after a jump of centuries) and goes on.
     """
 
-    MAX_WEIGHT = 1e12
+    #: log2 of the largest weight handed out before a rebase (2**40 ~ 1e12).
+    MAX_EXPONENT = 40.0
 
     def __init__(self, half_life_ms: float) -> None:
         self.half_life_ms = half_life_ms
         self.origin_ms: int | None = None
 
-    def weight(self, ts_ms: int) -> float:
+    def _exponent(self, ts_ms: int) -> float:
         if self.origin_ms is None:
             self.origin_ms = ts_ms
-        return math.exp2((ts_ms - self.origin_ms) / self.half_life_ms)
+        return (ts_ms - self.origin_ms) / self.half_life_ms
 
-    def needs_rescale(self, ts_ms: int) -> bool:
-        return self.weight(ts_ms) > self.MAX_WEIGHT
+    def weight(self, ts_ms: int) -> float:
+        """Weight of an observation at ``ts_ms``; call ``needs_rebase`` first."""
+        return math.exp2(min(self._exponent(ts_ms), 1000.0))
+
+    def needs_rebase(self, ts_ms: int) -> bool:
+        return self._exponent(ts_ms) > self.MAX_EXPONENT
 
     def rebase(self, ts_ms: int) -> float:
-        """Move the origin to ``ts_ms``; returns the factor to divide every stored score by."""
-        factor = self.weight(ts_ms)
+        """Move the origin to ``ts_ms``; returns the factor to multiply stored scores by."""
+        exponent = self._exponent(ts_ms)
         self.origin_ms = ts_ms
-        return factor
+        return math.exp2(-exponent) if exponent < 1000 else 0.0

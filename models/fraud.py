@@ -193,7 +193,18 @@ class FraudModel:
 
     VERSION = "lr-rules-v1"
 
-    def __init__(self, positive_weight: float = 10.0, learning_rate: float = 0.05) -> None:
+    def __init__(
+        self,
+        positive_weight: float = 10.0,
+        learning_rate: float = 0.05,
+        min_labels: int = 50,
+        min_frauds: int = 1,
+    ) -> None:
+        #: The model's score is used only once it has learned this much; before that, an
+        #: untrained regression scores unfamiliar payments near 0.5 and would raise noise.
+        self.min_labels = min_labels
+        self.min_frauds = min_frauds
+        self.frauds_learned = 0
         self.pipeline = compose.Pipeline(
             preprocessing.StandardScaler(),
             linear_model.LogisticRegression(
@@ -205,20 +216,21 @@ class FraudModel:
 
     def score(self, x: dict[str, float]) -> Score:
         model_score = (
-            float(self.pipeline.predict_proba_one(x).get(True, 0.0)) if self.labels_learned else 0.0
+            float(self.pipeline.predict_proba_one(x).get(True, 0.0)) if self.is_warm else 0.0
         )
         reasons: list[str] = []
         rule_score = 0.0
-        if x["card_small_10m"] >= 3.0 and x["log_amount_usd"] > math.log1p(100):
+        # Decayed counts: three tiny charges within a few minutes sum to about 2.9.
+        if x["card_small_10m"] >= 2.5 and x["log_amount_usd"] > math.log1p(100):
             rule_score = max(rule_score, 0.95)
             reasons.append("card testing: several tiny charges then a large one on this card")
-        elif x["card_small_10m"] >= 5.0:
+        elif x["card_small_10m"] >= 4.5:
             rule_score = max(rule_score, 0.85)
             reasons.append("card testing: burst of tiny authorisations on this card")
         if x["amount_vs_user_mean"] > math.log(8) and x["new_device"] and x["ip_ne_billing"]:
             rule_score = max(rule_score, 0.9)
             reasons.append("amount spike from a new device in another country")
-        if self.labels_learned:
+        if self.is_warm and model_score >= 0.5:
             reasons.extend(self._top_contributions(x))
         return Score(
             round(max(model_score, rule_score), 6),
@@ -239,9 +251,14 @@ class FraudModel:
             :n
         ]
 
+    @property
+    def is_warm(self) -> bool:
+        return self.labels_learned >= self.min_labels and self.frauds_learned >= self.min_frauds
+
     def learn(self, x: dict[str, float], is_fraud: bool) -> None:
         self.pipeline.learn_one(x, is_fraud)
         self.labels_learned += 1
+        self.frauds_learned += int(is_fraud)
 
 
 @dataclass(order=True, slots=True)
@@ -249,6 +266,15 @@ class _PendingLabel:
     apply_at: int
     seq: int
     label: FraudLabelEvent = field(compare=False)
+
+
+@dataclass(slots=True)
+class _Snapshot:
+    ts: int
+    merchant_id: str
+    features: dict[str, float]
+    score: Score
+    learned: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,8 +308,9 @@ class FraudEngine:
         self.max_snapshots = max_snapshots
         self.features = PaymentFeatures()
         self.model = FraudModel()
-        #: txn_id -> (payment ts, merchant_id, feature vector it was scored with, its score)
-        self.snapshots: OrderedDict[str, tuple[int, str, dict[str, float], Score]] = OrderedDict()
+        #: txn_id -> snapshot of how it was scored; kept after its label is learned (until
+        #: the TTL) so that a redelivered payment or label changes nothing.
+        self.snapshots: OrderedDict[str, _Snapshot] = OrderedDict()
         self._pending: list[_PendingLabel] = []
         self._seq = 0
         self.watermark_ms = 0
@@ -291,6 +318,7 @@ class FraudEngine:
         self.label_watermark_ms = 0
         self.labels_applied = 0
         self.labels_unknown = 0
+        self.labels_duplicate = 0
 
     @property
     def model_version(self) -> str:
@@ -316,11 +344,13 @@ class FraudEngine:
             if snapshot is None:
                 self.labels_unknown += 1
                 continue
-            del self.snapshots[label.txn_id]
-            _, merchant_id, x, _ = snapshot
+            if snapshot.learned:
+                self.labels_duplicate += 1
+                continue
+            snapshot.learned = True
             is_fraud = label.label == "fraud"
-            self.model.learn(x, is_fraud)
-            self.features.learn_label(merchant_id, is_fraud, label.ts)
+            self.model.learn(snapshot.features, is_fraud)
+            self.features.learn_label(snapshot.merchant_id, is_fraud, label.ts)
             self.labels_applied += 1
 
     def score(self, payments: Iterable[PaymentEvent]) -> list[ScoredPayment]:
@@ -334,14 +364,16 @@ class FraudEngine:
             amount_usd = to_usd(payment.amount, payment.currency) or 0.0
             previous = self.snapshots.get(payment.event_id)
             if previous is not None:
-                score = previous[3]
+                score = previous.score
             else:
                 self._apply_labels_until(payment.ts)
                 self.watermark_ms = max(self.watermark_ms, payment.ts)
                 x = self.features.extract(payment)
                 score = self.model.score(x)
                 self.features.update(payment)
-                self.snapshots[payment.event_id] = (payment.ts, payment.merchant_id, x, score)
+                self.snapshots[payment.event_id] = _Snapshot(
+                    payment.ts, payment.merchant_id, x, score
+                )
             scored.append(ScoredPayment(payment, amount_usd, score, score.score >= self.threshold))
         self._expire_snapshots()
         return scored
@@ -349,7 +381,7 @@ class FraudEngine:
     def _expire_snapshots(self) -> None:
         horizon = self.watermark_ms - self.snapshot_ttl_ms
         while self.snapshots:
-            ts = next(iter(self.snapshots.values()))[0]
+            ts = next(iter(self.snapshots.values())).ts
             if ts >= horizon and len(self.snapshots) <= self.max_snapshots:
                 break
             self.snapshots.popitem(last=False)

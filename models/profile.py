@@ -133,31 +133,36 @@ def apply_click(profile: UserProfile, event: ClickEvent) -> bool:
 
     ts = event.ts
     previous_ts = profile.last_ts
+    # A late click (older than what the profile has seen) still counts, but must not undo
+    # newer state: consent, country, currency, language and the current session follow the
+    # newest event only.
+    is_newest = profile.events == 0 or ts >= previous_ts
     if profile.events == 0:
         profile.first_ts = ts
-    if ts >= profile.last_ts:
-        profile.last_ts = ts
-        profile.last_event_id = event.event_id
+    profile.first_ts = min(profile.first_ts, ts)
     profile.events += 1
-    profile.personalisation = event.personalisation
-    if event.country:
-        profile.country = event.country
-    if event.currency:
-        profile.currency = event.currency
-    if event.lang:
-        profile.lang = event.lang
     if event.device:
         profile.devices[event.device] = profile.devices.get(event.device, 0) + 1
     profile.hours[(ts // 3_600_000) % 24] += 1
-
-    # A new session id, or a long silence under the same id, starts a new session.
-    if event.session_id != profile.session_id or ts - previous_ts > SESSION_GAP_MS:
-        profile.sessions += 1
-        profile.session_id = event.session_id
-        profile.session_start = ts
-        profile.session_events = 0
-        profile.session_items = []
-    profile.session_events += 1
+    if is_newest:
+        profile.last_ts = ts
+        profile.last_event_id = event.event_id
+        profile.personalisation = event.personalisation
+        if event.country:
+            profile.country = event.country
+        if event.currency:
+            profile.currency = event.currency
+        if event.lang:
+            profile.lang = event.lang
+        # A new session id, or a long silence under the same id, starts a new session.
+        if event.session_id != profile.session_id or ts - previous_ts > SESSION_GAP_MS:
+            profile.sessions += 1
+            profile.session_id = event.session_id
+            profile.session_start = ts
+            profile.session_events = 0
+            profile.session_items = []
+    if event.session_id == profile.session_id:
+        profile.session_events += 1
 
     kind = event.type
     if kind == "view":
@@ -175,7 +180,7 @@ def apply_click(profile: UserProfile, event: ClickEvent) -> bool:
             if len(profile.recent_purchases) > RECENT_PURCHASES:
                 del profile.recent_purchases[0]
 
-    if event.item_id and kind != "remove_from_cart":
+    if is_newest and event.item_id and kind != "remove_from_cart":
         items = profile.session_items
         if not items or items[-1] != event.item_id:
             items.append(event.item_id)

@@ -70,7 +70,7 @@ class SessionRecommender:
         kind: str,
     ) -> None:
         """Learn from one click on ``item_id`` after ``session_items`` (oldest first)."""
-        if self._weight.needs_rescale(ts_ms):
+        if self._weight.needs_rebase(ts_ms):
             self._rescale(self._weight.rebase(ts_ms))
         weight = self._weight.weight(ts_ms)
         if category:
@@ -102,7 +102,7 @@ class SessionRecommender:
         for table in (self.cooccurrence, self.popularity):
             for row in table.values():
                 for key in row:
-                    row[key] /= factor
+                    row[key] *= factor
         self._top_cache.clear()
 
     # -- answering ------------------------------------------------------------------------------

@@ -65,11 +65,22 @@ def decode_message(model: type[M], raw: bytes | None) -> tuple[list[M], list[Rej
     for index, item in enumerate(items):
         if not isinstance(item, dict):
             rejected.append(
-                Rejected("array element is not a JSON object", orjson.dumps(item), index)
+                Rejected("array element is not a JSON object", _element_bytes(item, raw), index)
             )
             continue
         try:
             events.append(model.model_validate(item))
         except ValidationError as exc:
-            rejected.append(Rejected(describe_validation_error(exc), orjson.dumps(item), index))
+            rejected.append(
+                Rejected(describe_validation_error(exc), _element_bytes(item, raw), index)
+            )
     return events, rejected
+
+
+def _element_bytes(item: object, message: bytes) -> bytes:
+    """The element re-encoded; the whole message when it cannot be (orjson nests only 254
+    levels deep when encoding but parses 1024)."""
+    try:
+        return orjson.dumps(item)
+    except (TypeError, orjson.JSONEncodeError):
+        return message

@@ -214,9 +214,13 @@ class DeadLetter(BaseModel):
     partition: int
     offset: int
     error: str
-    #: The original message value, decoded as UTF-8 with invalid bytes replaced; the exact
-    #: bytes are kept base64-encoded in ``payload_b64``.
+    #: The original message value (first 16 KiB), decoded as UTF-8 with invalid bytes
+    #: replaced; the exact bytes are kept base64-encoded in ``payload_b64``.
     payload: str
     payload_b64: str
+    #: Size of the original value; ``truncated`` when more than 600,000 bytes (the dead
+    #: letter then keeps the first 600,000, and the original stays at partition/offset).
+    payload_bytes: int
+    truncated: bool = False
     #: For a JSON-array message: the position of the rejected element, else None.
     index: int | None = None

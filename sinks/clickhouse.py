@@ -187,8 +187,12 @@ class ClickHouseWriter:
                 try:
                     if client is None:
                         client = self._client_factory()
-                    for table, rows in batch.rows.items():
+                    # A table leaves the batch once stored, so a retry after a failure
+                    # re-sends only what is not stored yet (no double counts).
+                    for table in list(batch.rows):
+                        rows = batch.rows[table]
                         _insert_columnar(client, table, rows)
+                        del batch.rows[table]
                         self.inserts += 1
                         self.rows_written += len(rows)
                     break

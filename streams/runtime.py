@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=InboundEvent)
 
 MINUTE_MS = 60_000
+#: Original bytes kept in a dead letter (base64 makes them 4/3 as large).
+MAX_DEADLETTER_PAYLOAD = 600_000
+#: Of those, how many are also shown as text in ``payload``.
+DEADLETTER_TEXT_BYTES = 16_384
 
 
 class Runtime:
@@ -90,14 +94,21 @@ class Runtime:
 
     async def deadletter(self, event: faust.EventT, rejected: Rejected) -> None:
         message = event.message
+        payload = rejected.payload
+        # A dead letter must fit in one Kafka message (Faust's producer sends at most
+        # 1,000,000 bytes). Larger originals are cut; the record says so, and the whole
+        # original stays at (source_topic, partition, offset).
+        kept = payload[:MAX_DEADLETTER_PAYLOAD]
         record = {
             "schema_version": 1,
             "source_topic": message.topic,
             "partition": message.partition,
             "offset": message.offset,
             "error": rejected.error,
-            "payload": rejected.payload[:65536].decode("utf-8", errors="replace"),
-            "payload_b64": base64.b64encode(rejected.payload).decode("ascii"),
+            "payload": kept[:DEADLETTER_TEXT_BYTES].decode("utf-8", errors="replace"),
+            "payload_b64": base64.b64encode(kept).decode("ascii"),
+            "payload_bytes": len(payload),
+            "truncated": len(kept) < len(payload),
             "index": rejected.index,
         }
         self.deadlettered += 1

@@ -24,9 +24,14 @@ def test_migrate_is_idempotent_and_records_versions(isolated_settings: Settings)
         assert rows == [(m.version, m.name, m.checksum) for m in load_migrations()]
         tables = {name for (name,) in client.execute("SHOW TABLES")}
         assert {
-            "fraud_scores", "fraud_labels", "shipment_events", "events_per_minute",
-            "events_per_hour", "events_per_hour_mv", "schema_migrations",
-        } <= tables  # fmt: skip
+            "fraud_scores",
+            "fraud_labels",
+            "shipment_events",
+            "events_per_minute",
+            "events_per_hour",
+            "events_per_hour_mv",
+            "schema_migrations",
+        } <= tables
     finally:
         client.disconnect()
 

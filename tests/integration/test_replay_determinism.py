@@ -66,4 +66,4 @@ def test_replays_at_different_speeds_give_identical_scores(stack: Settings, tmp_
     # The comparison means something only if the model learned during the replay.
     versions = {version for _, version in fast.values()}
     assert len(versions) > 10
-    assert len({score for score, _ in fast.values()}) > 50
+    assert len({score for score, _ in fast.values()}) > 20

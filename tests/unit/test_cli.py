@@ -100,12 +100,6 @@ def test_unreachable_clickhouse_ends_in_a_readable_error_and_a_failure_code() ->
     assert result.stdout == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG infra/cli.py main(): clickhouse_driver logs 'Failed to connect to "
-    "127.0.0.1:1' with a full traceback (logging's last-resort handler writes WARNING to "
-    "stderr) before the one-line error, since the CLI never configures logging",
-)
 def test_unreachable_clickhouse_is_exactly_one_line_on_stderr() -> None:
     result = run_cli("migrate", BORDERFLOW_CLICKHOUSE_PORT="1")
     assert result.returncode != 0
@@ -172,12 +166,6 @@ def test_help_through_main_returns_normally(
     assert capsys.readouterr().out.startswith("Usage: borderflow ")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG infra/cli.py:159: main() ignores the return value of "
-    "cli.main(standalone_mode=False), which is how click reports ctx.exit(n) in that mode; "
-    "a command exiting with 3 ends the process with 0 (the 'except Exit' branch is dead code)",
-)
 def test_explicit_exit_code_of_a_command_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     @click.command("exit3")
     @click.pass_context
@@ -191,16 +179,9 @@ def test_explicit_exit_code_of_a_command_is_kept(monkeypatch: pytest.MonkeyPatch
     assert exc.value.code == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="DOC/BUG infra/cli.py:3-5,157-177: the module docstring promises that 'any other "
-    "failure' is printed as one line, but main() only catches BorderflowError, "
-    "ValidationError and OSError; e.g. a RuntimeError escapes as a traceback",
-)
 def test_any_other_failure_becomes_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _add_failing_command(monkeypatch, RuntimeError("unexpected"))
     assert _run_main(monkeypatch, "boom") != 0
-    assert capsys.readouterr().err == "borderflow: error: unexpected\n"
+    assert capsys.readouterr().err == "borderflow: error: RuntimeError: unexpected\n"

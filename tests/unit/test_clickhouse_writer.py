@@ -245,12 +245,6 @@ def test_failing_insert_is_retried_and_no_row_is_lost_or_duplicated(
     assert all(c.disconnected for c in fake.clients[:-1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG sinks/clickhouse.py:188-193: a batch with several tables is retried as a whole; "
-    "tables inserted before the failing one are inserted again (double counts in the "
-    "SummingMergeTree events_per_minute)",
-)
 def test_failure_on_the_second_table_does_not_duplicate_the_first(
     fake: FakeLog, make_writer: Any
 ) -> None:

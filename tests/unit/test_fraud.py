@@ -77,7 +77,7 @@ def test_engine_scores_each_payment_with_the_state_before_it() -> None:
     engine = FraudEngine()
     payments = [pay(ts=T0 + i * MINUTE) for i in range(3)]
     engine.score(payments)
-    vectors = [engine.snapshots[p.event_id][2] for p in payments]
+    vectors = [engine.snapshots[p.event_id].features for p in payments]
     assert vectors[0]["card_tx_1h"] == 0.0
     assert 0.95 < vectors[1]["card_tx_1h"] < 1.0  # one payment, decayed by one minute
     assert 1.9 < vectors[2]["card_tx_1h"] < 2.0
@@ -183,7 +183,7 @@ def test_label_is_learned_only_once_payments_pass_label_time_plus_delay() -> Non
     engine.score([pay(ts=label_ts + HOUR_MS)])
     assert (engine.labels_applied, engine.model.labels_learned, engine.pending_labels) == (1, 1, 0)
     assert engine.model_version == f"{FraudModel.VERSION}@1"
-    assert p1.event_id not in engine.snapshots  # learned once, then forgotten
+    assert engine.snapshots[p1.event_id].learned  # kept until its TTL, marked learned
 
 
 def test_label_arriving_late_is_applied_with_the_next_payment() -> None:
@@ -210,7 +210,7 @@ def test_second_label_for_the_same_transaction_is_not_learned_twice() -> None:
     engine.score([p1])
     engine.add_labels([label_for(p1, "fraud", T0 + 1), label_for(p1, "fraud", T0 + 2)])
     engine.score([pay(ts=T0 + 3)])
-    assert (engine.labels_applied, engine.labels_unknown) == (1, 1)
+    assert (engine.labels_applied, engine.labels_duplicate, engine.labels_unknown) == (1, 1, 0)
 
 
 def test_labels_complete_for() -> None:
@@ -260,7 +260,9 @@ def test_redelivered_payment_gets_its_first_score_and_changes_no_velocity() -> N
     card = engine.features.cards["c1"]
     assert (card.tx_1h, card.count, card.amount_1d, engine.features.users["u1"].count) == before
     next_one = engine.score([pay(ts=T0 + 20)])[0]
-    assert engine.snapshots[next_one.payment.event_id][2]["card_tx_1h"] == pytest.approx(5.0, 1e-3)
+    assert engine.snapshots[next_one.payment.event_id].features["card_tx_1h"] == pytest.approx(
+        5.0, 1e-3
+    )
 
 
 # -- learning -----------------------------------------------------------------------------------
@@ -371,3 +373,24 @@ def test_scores_do_not_depend_on_when_labels_arrive_before_their_apply_time() ->
     assert late.labels_applied == early.labels_applied > 100
     assert late_scores == early_scores
     assert any(s.model_score > 0 for s in early_scores)  # the model did take part
+
+
+def test_model_stays_silent_until_it_has_learned_enough_and_seen_fraud() -> None:
+    # Trained on legit labels only, an untrained-for-fraud regression would score unfamiliar
+    # payments near 0.5; the engine must not use it before it is warm.
+    engine = FraudEngine(label_apply_delay_ms=0)
+    payments = [pay(ts=T0 + i * 60_000, amount=20.0 + i % 7) for i in range(120)]
+    engine.score(payments)
+    engine.add_labels(label_for(p, "legit", T0 + 200 * 60_000) for p in payments)
+    odd = pay(ts=T0 + 300 * 60_000, amount=900.0, ip_country="BR")
+    scored = engine.score([odd])[0]
+    assert engine.model.labels_learned == 120
+    assert not engine.model.is_warm
+    assert scored.score.model_score == 0.0
+    assert not scored.is_alert
+
+    fraud = pay(ts=T0 + 301 * 60_000, amount=800.0, device_id="other-device", ip_country="BR")
+    engine.score([fraud])
+    engine.add_labels([label_for(fraud, "fraud", T0 + 302 * 60_000)])
+    engine.score([pay(ts=T0 + 303 * 60_000)])
+    assert engine.model.is_warm
