@@ -136,6 +136,21 @@ class Runtime:
 
         self.clickhouse.add_callback(on_durable)
 
+    async def finish_batch(
+        self,
+        events: Sequence[faust.EventT],
+        rows: dict[str, list[tuple[Any, ...]]],
+        processed: dict[str, int] | None = None,
+    ) -> None:
+        """The common end of every micro-batch: queue its ClickHouse rows, count it, hold its
+        offsets until the rows are stored, and pause while the ClickHouse buffer is full."""
+        for table, table_rows in rows.items():
+            self.clickhouse.add(table, table_rows)
+        if processed:
+            await self.redis.count_processed(processed)
+        self.hold_until_durable(events)
+        await self.backpressure()
+
     async def backpressure(self) -> None:
         """Pause intake while the ClickHouse buffer is full (e.g. ClickHouse is down)."""
         writer = self.clickhouse

@@ -48,11 +48,11 @@ async def process_labels(runtime: Runtime, events: Sequence[faust.EventT]) -> in
                 )
             )
             rollup.add(label.ts, label.label, None)
-    runtime.clickhouse.add("fraud_labels", rows)
-    runtime.clickhouse.add("events_per_minute", rollup.rows())
-    await runtime.redis.count_processed({FRAUD_LABELS: len(labels)})
-    runtime.hold_until_durable(events)
-    await runtime.backpressure()
+    await runtime.finish_batch(
+        events,
+        {"fraud_labels": rows, "events_per_minute": rollup.rows()},
+        {FRAUD_LABELS: len(labels)},
+    )
     return len(labels)
 
 

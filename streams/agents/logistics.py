@@ -29,11 +29,11 @@ async def process_scans(runtime: Runtime, events: Sequence[faust.EventT]) -> int
             scan.location or "", ingested_at,
         ))  # fmt: skip
         rollup.add(scan.ts, scan.status, scan.dest_country)
-    runtime.clickhouse.add("shipment_events", rows)
-    runtime.clickhouse.add("events_per_minute", rollup.rows())
-    await runtime.redis.count_processed({LOGISTICS: len(scans)})
-    runtime.hold_until_durable(events)
-    await runtime.backpressure()
+    await runtime.finish_batch(
+        events,
+        {"shipment_events": rows, "events_per_minute": rollup.rows()},
+        {LOGISTICS: len(scans)},
+    )
     return len(scans)
 
 

@@ -90,11 +90,11 @@ async def process_payments(runtime: Runtime, events: Sequence[faust.EventT]) -> 
         await runtime.topology.fraud_alerts.send(
             key=alert.user_id.encode(), value=orjson.dumps(alert.model_dump())
         )
-    runtime.clickhouse.add("fraud_scores", rows)
-    runtime.clickhouse.add("events_per_minute", rollup.rows())
-    await runtime.redis.count_processed({PAYMENTS: len(payments)})
-    runtime.hold_until_durable(events)
-    await runtime.backpressure()
+    await runtime.finish_batch(
+        events,
+        {"fraud_scores": rows, "events_per_minute": rollup.rows()},
+        {PAYMENTS: len(payments)},
+    )
     return len(payments)
 
 
