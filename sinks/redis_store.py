@@ -8,6 +8,8 @@ All users of a micro-batch go in one non-transactional pipeline: one round trip 
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +17,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from schemas.config import Settings
+
+#: This process, as operators see it in ``stats:processed:{host}:{pid}``.
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 # KEYS: profile hash, recs zset, recs meta hash
 # ARGV: event_ts_ms, event_id, updated_at_ms, n_profile_pairs, <profile field, value>...,
@@ -73,8 +78,10 @@ class RedisStore:
     def profile_key(self, user_id: str) -> str:
         return f"{self.prefix}profile:{user_id}"
 
-    def stats_key(self) -> str:
-        return f"{self.prefix}stats:processed"
+    def stats_key(self, worker: str | None = None) -> str:
+        """Events processed per topic: all workers, or one (``host:pid``)."""
+        suffix = f":{worker}" if worker else ""
+        return f"{self.prefix}stats:processed{suffix}"
 
     # -- writes ---------------------------------------------------------------------------------
     async def write_user_states(
@@ -117,6 +124,7 @@ class RedisStore:
         for topic, count in processed.items():
             if count:
                 pipe.hincrby(self.stats_key(), topic, count)
+                pipe.hincrby(self.stats_key(WORKER_ID), topic, count)
 
     def latency_key(self, stage: str) -> str:
         return f"{self.prefix}stats:latency_ms:{stage}"
