@@ -160,6 +160,17 @@ def _register_optional_commands() -> None:
 _register_optional_commands()
 
 
+def _help_everywhere(command: click.Command) -> None:
+    """``-h`` as well as ``--help`` on every command, also when one is invoked on its own
+    (click caches a command's help option from the first context that asks for it)."""
+    command.context_settings.setdefault("help_option_names", ["-h", "--help"])
+    for child in getattr(command, "commands", {}).values():
+        _help_everywhere(child)
+
+
+_help_everywhere(cli)
+
+
 def main() -> None:
     try:
         exit_code = cli.main(standalone_mode=False, prog_name="borderflow")
