@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 import click
 import numpy as np
@@ -51,6 +51,9 @@ import orjson
 from schemas.config import Settings
 from schemas.errors import BorderflowError
 from schemas.events import CLICKS, FRAUD_LABELS, LOGISTICS, PAYMENTS, to_epoch_ms
+
+if TYPE_CHECKING:  # infra.handbook imports this module: import it lazily at run time
+    from infra.handbook import HandbookConfig
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
@@ -1201,41 +1204,80 @@ def write_jsonl(events: Iterator[GeneratedEvent], out: IO[bytes], stats: Generat
         write(b"\n")
 
 
+#: ``generate`` options that only one scenario understands (the other rejects them).
+SHOP_ONLY_OPTIONS = ("users", "fraud_rate", "items")
+HANDBOOK_ONLY_OPTIONS = ("customers", "terminals")
+
+
+def _reject_foreign_options(ctx: click.Context, scenario: str) -> None:
+    """Fail on an option given for the other scenario instead of silently ignoring it."""
+    foreign = HANDBOOK_ONLY_OPTIONS if scenario == "shop" else SHOP_ONLY_OPTIONS
+    for name in foreign:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source != click.core.ParameterSource.DEFAULT:
+            flag = "--" + name.replace("_", "-")
+            raise BorderflowError(f"{flag} does not apply to --scenario {scenario}")
+
+
 @click.command("generate")
-@click.option("--users", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option(
+    "--scenario",
+    type=click.Choice(["shop", "handbook"]),
+    default="shop",
+    show_default=True,
+    help="shop: the cross-border shop (all four topics). handbook: the Fraud Detection "
+    "Handbook's card-transaction simulator (payments and fraud-labels only).",
+)
+@click.option(
+    "--users", type=click.IntRange(min=1), default=1000, show_default=True, help="Shop only."
+)
+@click.option(
+    "--customers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Handbook only: customers (one card each) [default: 5000].",
+)
+@click.option(
+    "--terminals",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Handbook only: payment terminals (merchants) [default: 10000].",
+)
 @click.option(
     "--days",
     type=click.FloatRange(min=0, min_open=True),
-    default=7.0,
-    show_default=True,
-    help="Simulated period (may be fractional).",
+    default=None,
+    help="Simulated period (shop: may be fractional) [default: 7 for shop, 183 for handbook; "
+    "handbook: whole days].",
 )
 @click.option(
     "--start",
-    default=DEFAULT_START,
-    show_default=True,
-    help="Start of the period, ISO-8601 (UTC if no timezone).",
+    default=None,
+    help=f"Start of the period, ISO-8601 (UTC if no timezone) [default: {DEFAULT_START} for "
+    "shop, 2018-04-01T00:00:00Z for handbook].",
 )
-@click.option("--seed", type=int, default=42, show_default=True)
+@click.option(
+    "--seed", type=int, default=None, help="Random seed [default: 42 for shop, 0 for handbook]."
+)
 @click.option(
     "--fraud-rate",
     type=click.FloatRange(0, 0.5, max_open=True),
     default=0.02,
     show_default=True,
-    help="Target share of payments that are fraud.",
+    help="Shop only: target share of payments that are fraud.",
 )
 @click.option(
     "--settlement-days",
     type=click.FloatRange(min=0),
     default=7.0,
     show_default=True,
-    help="Delay of 'legit' labels after their payment.",
+    help="Delay of 'legit' labels after their payment (handbook: of every label).",
 )
 @click.option(
     "--items",
     type=click.IntRange(min=len(CATEGORIES)),
     default=None,
-    help="Catalog size [default: users, within 300..10000].",
+    help="Shop only: catalog size [default: users, within 300..10000].",
 )
 @click.option(
     "--max-events", type=click.IntRange(min=0), default=None, help="Stop after this many events."
@@ -1255,13 +1297,16 @@ def write_jsonl(events: Iterator[GeneratedEvent], out: IO[bytes], stats: Generat
     help="Kafka only: events per second (0 = as fast as possible).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.pass_obj
+@click.pass_context
 def generate_command(
-    settings: Settings,
+    ctx: click.Context,
+    scenario: str,
     users: int,
-    days: float,
-    start: str,
-    seed: int,
+    customers: int | None,
+    terminals: int | None,
+    days: float | None,
+    start: str | None,
+    seed: int | None,
     fraud_rate: float,
     settlement_days: float,
     items: int | None,
@@ -1270,20 +1315,47 @@ def generate_command(
     rate: float,
     quiet: bool,
 ) -> None:
-    """Simulate a cross-border shop and write its events to Kafka or a JSONL file."""
-    config = GeneratorConfig(
-        users=users,
-        days=days,
-        start_ms=parse_start(start),
-        seed=seed,
-        fraud_rate=fraud_rate,
-        settlement_delay_days=settlement_days,
-        items=items,
-        max_events=max_events,
-    )
+    """Simulate a cross-border shop or the fraud handbook, to Kafka or a JSONL file.
+
+    --scenario shop (default) simulates a cross-border shop: clicks, payments, fraud labels
+    and shipment scans. --scenario handbook re-implements the Fraud Detection Handbook's
+    transaction simulator (customers, terminals, its three fraud scenarios; defaults: its
+    published size of 5000 customers, 10000 terminals, 183 days from 2018-04-01): payments
+    and one label per payment --settlement-days (7) later; the labels of the last week fall
+    after the period and are still written.
+    """
+    settings: Settings = ctx.obj
+    _reject_foreign_options(ctx, scenario)
+    began = time.perf_counter()  # world building counts: it is part of the run
+    events: Iterator[GeneratedEvent]
+    if scenario == "handbook":
+        from infra.handbook import HANDBOOK_DAYS, HANDBOOK_START_MS, HandbookConfig
+
+        handbook_days = days if days is not None else HANDBOOK_DAYS
+        if not float(handbook_days).is_integer():
+            raise BorderflowError("--days must be a whole number for --scenario handbook")
+        config_hb = HandbookConfig(
+            customers=customers if customers is not None else HandbookConfig.customers,
+            terminals=terminals if terminals is not None else HandbookConfig.terminals,
+            days=int(handbook_days),
+            start_ms=parse_start(start) if start is not None else HANDBOOK_START_MS,
+            seed=seed if seed is not None else HandbookConfig.seed,
+            label_delay_days=settlement_days,
+        )
+        events = _handbook_events(config_hb, max_events)
+    else:
+        config = GeneratorConfig(
+            users=users,
+            days=days if days is not None else GeneratorConfig.days,
+            start_ms=parse_start(start if start is not None else DEFAULT_START),
+            seed=seed if seed is not None else GeneratorConfig.seed,
+            fraud_rate=fraud_rate,
+            settlement_delay_days=settlement_days,
+            items=items,
+            max_events=max_events,
+        )
+        events = simulate(config)
     stats = GenerationStats()
-    began = time.perf_counter()
-    events = simulate(config)
     if out is not None:
         if str(out) == "-":
             write_jsonl(events, sys.stdout.buffer, stats)
@@ -1311,6 +1383,16 @@ def generate_command(
         target = f"Kafka {settings.kafka_bootstrap} (prefix {settings.topic_prefix!r})"
     stats.elapsed_s = time.perf_counter() - began
     click.echo(stats.summary(target), err=str(out) == "-")
+
+
+def _handbook_events(config: HandbookConfig, max_events: int | None) -> Iterator[GeneratedEvent]:
+    """The handbook scenario's events, cut after ``max_events`` (lazily: no more are built)."""
+    from itertools import islice
+
+    from infra.handbook import simulate_handbook
+
+    events = simulate_handbook(config)
+    return events if max_events is None else islice(events, max_events)
 
 
 if __name__ == "__main__":  # pragma: no cover - `borderflow generate` is the entry point

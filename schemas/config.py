@@ -8,6 +8,7 @@ Every field can be set from the environment with the ``BORDERFLOW_`` prefix, e.g
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -70,7 +71,22 @@ class Settings(BaseSettings):
     clickhouse_flush_interval_s: float = Field(default=1.0, gt=0)
 
     # --- Fraud ---------------------------------------------------------------------------
+    #: How the alert threshold is set: "fixed" (fraud_alert_threshold), "alert_rate" (alert on
+    #: about fraud_alert_target of payments) or "precision" (lowest threshold whose precision
+    #: on recently labelled payments reaches fraud_alert_target).
+    fraud_alert_policy: Literal["fixed", "alert_rate", "precision"] = "fixed"
     fraud_alert_threshold: float = Field(default=0.8, ge=0, le=1)
+    fraud_alert_target: float = Field(default=0.01, gt=0, lt=1)
+    #: Optional cap on alerts per event-time day and partition.
+    fraud_alert_daily_budget: int | None = Field(default=None, ge=0)
+    #: A payment with no label this long after its time is learned as legitimate.
+    fraud_label_timeout_days: float = Field(default=30.0, gt=0)
+    #: What drift on the model's error stream does besides a metric and a log line:
+    #: "log" (nothing more) or "reset" (retrain the supervised learner from scratch).
+    fraud_drift_reaction: Literal["log", "reset"] = "log"
+    #: How often (wall clock) each partition's fraud engine is checkpointed to Redis; the
+    #: offsets of payments and labels are committed only once a checkpoint holds them.
+    fraud_checkpoint_interval_s: float = Field(default=5.0, gt=0)
     #: Labels are applied to the model once payments' event time passes label time + this
     #: delay, which makes scores independent of how the two topics interleave on arrival.
     fraud_label_apply_delay_s: float = Field(default=3600.0, ge=0)

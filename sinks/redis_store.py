@@ -126,6 +126,46 @@ class RedisStore:
                 pipe.hincrby(self.stats_key(), topic, count)
                 pipe.hincrby(self.stats_key(WORKER_ID), topic, count)
 
+    # -- fraud alerts stream and model checkpoints ------------------------------------------------
+    def alerts_key(self) -> str:
+        return f"{self.prefix}alerts"
+
+    async def publish_alerts(self, alerts: Iterable[bytes], max_len: int = 100_000) -> None:
+        """Append alert JSON documents to the capped stream ``bf:alerts`` (one round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        n = 0
+        for alert in alerts:
+            pipe.xadd(self.alerts_key(), {"alert": alert}, maxlen=max_len, approximate=True)
+            n += 1
+        if n:
+            await pipe.execute()
+
+    async def read_alerts(
+        self, last_id: str = "0-0", count: int = 100, block_ms: int | None = None
+    ) -> list[tuple[str, bytes]]:
+        """Alerts after ``last_id`` (``$`` for only new ones), as (stream id, alert JSON)."""
+        response: Any = await self.client.xread(
+            {self.alerts_key(): last_id}, count=count, block=block_ms
+        )
+        out: list[tuple[str, bytes]] = []
+        for _, entries in response or []:
+            for entry_id, fields in entries:
+                out.append((_text(entry_id), fields[b"alert"]))
+        return out
+
+    def checkpoint_key(self, app_id: str, partition: int) -> str:
+        return f"{self.prefix}fraud:checkpoint:{app_id}:{partition}"
+
+    async def save_checkpoint(
+        self, app_id: str, partition: int, blob: bytes, meta: Mapping[str, str | int | float]
+    ) -> None:
+        mapping: Any = {"blob": blob, **meta}
+        await self.client.hset(self.checkpoint_key(app_id, partition), mapping=mapping)
+
+    async def load_checkpoint(self, app_id: str, partition: int) -> bytes | None:
+        blob: Any = await self.client.hget(self.checkpoint_key(app_id, partition), "blob")
+        return bytes(blob) if blob is not None else None
+
     def latency_key(self, stage: str) -> str:
         return f"{self.prefix}stats:latency_ms:{stage}"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 import faust
 import mode
@@ -52,6 +53,20 @@ def create_worker_app(settings: Settings) -> tuple[faust.App, Runtime]:
             await runtime.close()
 
     topology.app.service(RuntimeService)
+
+    @topology.app.timer(settings.fraud_checkpoint_interval_s)
+    async def checkpoint_fraud_engines() -> None:
+        await runtime.checkpoint_fraud_engines()
+
+    async def forget_revoked_fraud_engines(app: faust.App, revoked: set[Any], **_: Any) -> None:
+        payments_topic = settings.topic("payments")
+        await runtime.forget_fraud_engines(
+            tp.partition for tp in revoked if tp.topic == payments_topic
+        )
+
+    # Faust calls receivers as (sender, revoked, signal=...); its stubs cannot say async.
+    topology.app.on_partitions_revoked.connect(cast(Any, forget_revoked_fraud_engines))
+
     topology.app.task(_shorten_fetch_wait(topology.app, settings.consumer_fetch_max_wait_ms))
     return topology.app, runtime
 

@@ -14,14 +14,14 @@ import base64
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, TypeVar, cast
 
 import faust
 import orjson
 from faust.types import TP
 
-from models.fraud import FraudEngine
+from models.fraud import AlertPolicy, FraudEngine
 from models.recommender import SessionRecommender
 from schemas.config import Settings
 from schemas.decode import Rejected, decode_message
@@ -55,6 +55,7 @@ class Runtime:
         self._clickhouse = clickhouse
         self.recommender = SessionRecommender()
         self.fraud_engines: dict[int, FraudEngine] = {}
+        self._checkpoint_holds: dict[int, list[Any]] = {}
         #: Last offset seen per fraud-labels partition (to tell a caught-up label stream).
         self.label_offsets: dict[int, int] = {}
         self.deadlettered = 0
@@ -73,6 +74,8 @@ class Runtime:
         return self._clickhouse
 
     async def close(self) -> None:
+        if self.fraud_engines:
+            await self.checkpoint_fraud_engines(list(self.fraud_engines))
         if self._clickhouse is not None:
             await asyncio.to_thread(self._clickhouse.close)
         if self._redis is not None:
@@ -158,15 +161,72 @@ class Runtime:
             await asyncio.to_thread(writer.wait_for_capacity, 1.0)
 
     # -- fraud engines (one per payments partition) -------------------------------------------
-    def fraud_engine(self, partition: int) -> FraudEngine:
+    def new_fraud_engine(self) -> FraudEngine:
+        settings = self.settings
+        policy = AlertPolicy(
+            settings.fraud_alert_policy,
+            threshold=settings.fraud_alert_threshold,
+            target=settings.fraud_alert_target,
+            daily_budget=settings.fraud_alert_daily_budget,
+        )
+        return FraudEngine(
+            policy=policy,
+            label_apply_delay_ms=int(settings.fraud_label_apply_delay_s * 1000),
+            label_timeout_ms=int(settings.fraud_label_timeout_days * 86_400_000),
+            snapshot_ttl_ms=int(settings.fraud_snapshot_ttl_days * 86_400_000),
+            drift_reaction=settings.fraud_drift_reaction,
+        )
+
+    async def fraud_engine(self, partition: int) -> FraudEngine:
+        """The partition's engine: in memory, else its last checkpoint, else a new one."""
         engine = self.fraud_engines.get(partition)
         if engine is None:
-            engine = self.fraud_engines[partition] = FraudEngine(
-                threshold=self.settings.fraud_alert_threshold,
-                label_apply_delay_ms=int(self.settings.fraud_label_apply_delay_s * 1000),
-                snapshot_ttl_ms=int(self.settings.fraud_snapshot_ttl_days * 86_400_000),
-            )
+            blob = await self.redis.load_checkpoint(self.settings.app_id, partition)
+            if blob is not None:
+                engine = await asyncio.to_thread(FraudEngine.from_checkpoint, blob)
+                log.info("fraud engine of partition %d restored: %s", partition, engine.stats())
+            else:
+                engine = self.new_fraud_engine()
+            self.fraud_engines[partition] = engine
         return engine
+
+    def hold_until_checkpoint(self, partition: int, events: Sequence[faust.EventT]) -> None:
+        """Delay the offset commit of ``events`` until the partition's engine is checkpointed,
+        so a restarted worker never skips events its restored engine has not seen."""
+        held = self._checkpoint_holds.setdefault(partition, [])
+        for event in events:
+            event.message.incref()
+            held.append(event.message)
+
+    async def checkpoint_fraud_engines(self, partitions: Iterable[int] | None = None) -> int:
+        """Checkpoint engines with unsaved work to Redis, then release their held offsets."""
+        chosen = list(self._checkpoint_holds) if partitions is None else list(partitions)
+        saved = 0
+        consumer = self.topology.app.consumer
+        for partition in chosen:
+            engine = self.fraud_engines.get(partition)
+            held = self._checkpoint_holds.pop(partition, [])
+            if engine is None:
+                continue
+            blob = await asyncio.to_thread(engine.to_checkpoint)
+            await self.redis.save_checkpoint(
+                self.settings.app_id,
+                partition,
+                blob,
+                {"model_version": engine.model_version, "watermark_ms": engine.watermark_ms,
+                 "saved_at_ms": wall_ms(), "bytes": len(blob)},
+            )  # fmt: skip
+            saved += 1
+            for message in held:
+                message.ack(consumer)
+        return saved
+
+    async def forget_fraud_engines(self, partitions: Iterable[int]) -> None:
+        """On revocation: checkpoint, then drop, so the next owner starts from our state."""
+        wanted = [p for p in partitions if p in self.fraud_engines]
+        await self.checkpoint_fraud_engines(wanted)
+        for partition in wanted:
+            self.fraud_engines.pop(partition, None)
 
     def labels_caught_up(self, partition: int) -> bool:
         """True when this worker has read everything currently in that fraud-labels partition."""

@@ -5,8 +5,10 @@ State: queues each label in the :class:`models.fraud.FraudEngine` of its partiti
 engine learns it from the exact feature vector the transaction was scored with, once the
 payments' event time passes the label time plus ``fraud_label_apply_delay_s``.
 Outputs: ClickHouse ``fraud_labels``; invalid labels to ``deadletter``.
-Guarantee: at-least-once; ``fraud_labels`` is a ReplacingMergeTree on txn_id, and a label
-for a transaction already learned (or unknown) is counted, not learned twice.
+Guarantee: at-least-once; offsets are committed once the partition's engine (holding the
+queued labels) is checkpointed to Redis and the rows are in ClickHouse. ``fraud_labels`` is a
+ReplacingMergeTree on txn_id, and a label for a transaction already learned (or unknown) is
+counted, not learned twice.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ async def process_labels(runtime: Runtime, events: Sequence[faust.EventT]) -> in
     by_partition: dict[int, list[FraudLabelEvent]] = defaultdict(list)
     for event, label in labels:
         by_partition[event.message.partition].append(label)
+    events_by_partition: dict[int, list[faust.EventT]] = defaultdict(list)
     for event in events:
         partition = event.message.partition
+        events_by_partition[partition].append(event)
         runtime.label_offsets[partition] = max(
             runtime.label_offsets.get(partition, -1), event.message.offset
         )
@@ -34,7 +38,7 @@ async def process_labels(runtime: Runtime, events: Sequence[faust.EventT]) -> in
     rows = []
     rollup = RollupCounter(FRAUD_LABELS)
     for partition, batch in by_partition.items():
-        runtime.fraud_engine(partition).add_labels(batch)
+        (await runtime.fraud_engine(partition)).add_labels(batch)
         for label in batch:
             rows.append(
                 (
@@ -48,6 +52,9 @@ async def process_labels(runtime: Runtime, events: Sequence[faust.EventT]) -> in
                 )
             )
             rollup.add(label.ts, label.label, None)
+    # Queued labels live in the engine: commit only once a checkpoint holds them.
+    for partition, partition_events in events_by_partition.items():
+        runtime.hold_until_checkpoint(partition, partition_events)
     await runtime.finish_batch(
         events,
         {"fraud_labels": rows, "events_per_minute": rollup.rows()},

@@ -5,9 +5,12 @@ State: one :class:`models.fraud.FraudEngine` per payments partition (features, R
 feature snapshots awaiting their labels). A partition's payments are scored in log order,
 after every label that is due by their event time has been learned; if the label stream of
 that partition is behind in event time, the batch waits (at most ``fraud_label_wait_s``).
-Outputs: ClickHouse ``fraud_scores`` and ``events_per_minute``; topic ``fraud-alerts`` for
-scores at or above the threshold, with reasons; invalid payments to ``deadletter``.
-Guarantee: at-least-once; a redelivered payment gets its first score again (no state
+Outputs: ClickHouse ``fraud_scores`` and ``events_per_minute``; topic ``fraud-alerts`` and
+the capped Redis stream ``bf:alerts`` for scores at or above the policy's threshold, with
+reasons; invalid payments to ``deadletter``.
+Guarantee: at-least-once; offsets are committed once the rows are in ClickHouse and the
+partition's engine is checkpointed to Redis (so a restored engine has seen everything
+before the committed offset). A redelivered payment gets its first score again (no state
 change) and ``fraud_scores`` is a ReplacingMergeTree on txn_id.
 """
 
@@ -28,7 +31,7 @@ from streams.runtime import RollupCounter, Runtime, micro_batches, wall_ms
 
 async def wait_for_labels(runtime: Runtime, partition: int, ts_ms: int) -> bool:
     """Wait until the labels due by ``ts_ms`` are here; False if we gave up waiting."""
-    engine = runtime.fraud_engine(partition)
+    engine = await runtime.fraud_engine(partition)
     deadline = time.monotonic() + runtime.settings.fraud_label_wait_s
     while not (engine.labels_complete_for(ts_ms) or runtime.labels_caught_up(partition)):
         if time.monotonic() >= deadline:
@@ -37,7 +40,7 @@ async def wait_for_labels(runtime: Runtime, partition: int, ts_ms: int) -> bool:
     return True
 
 
-def alert_for(scored: ScoredPayment, threshold: float) -> FraudAlert:
+def alert_for(scored: ScoredPayment) -> FraudAlert:
     payment = scored.payment
     return FraudAlert(
         alert_id=f"alert-{payment.event_id}",
@@ -49,7 +52,7 @@ def alert_for(scored: ScoredPayment, threshold: float) -> FraudAlert:
         amount=payment.amount,
         currency=payment.currency,
         score=scored.score.score,
-        threshold=threshold,
+        threshold=scored.threshold,
         reasons=scored.score.reasons or ["high model score"],
         model_version=scored.score.model_version,
     )
@@ -60,6 +63,9 @@ async def process_payments(runtime: Runtime, events: Sequence[faust.EventT]) -> 
     by_partition: dict[int, list[PaymentEvent]] = defaultdict(list)
     for event, payment in payments:
         by_partition[event.message.partition].append(payment)
+    events_by_partition: dict[int, list[faust.EventT]] = defaultdict(list)
+    for event in events:
+        events_by_partition[event.message.partition].append(event)
 
     scored_at = wall_ms() // 1000
     rows = []
@@ -67,13 +73,13 @@ async def process_payments(runtime: Runtime, events: Sequence[faust.EventT]) -> 
     alerts = []
     for partition, batch in by_partition.items():
         await wait_for_labels(runtime, partition, max(p.ts for p in batch))
-        engine = runtime.fraud_engine(partition)
+        engine = await runtime.fraud_engine(partition)
         for scored in engine.score(batch):
             payment = scored.payment
             rows.append((
                 payment.event_id, payment.user_id, payment.card_id, payment.merchant_id,
                 payment.ts // 1000, payment.ts, payment.amount, payment.currency,
-                scored.amount_usd, scored.score.score, int(scored.is_alert), engine.threshold,
+                scored.amount_usd, scored.score.score, int(scored.is_alert), scored.threshold,
                 scored.score.reasons, scored.score.model_version, payment.billing_country or "",
                 payment.shipping_country or "", payment.ip_country or "", scored_at,
             ))  # fmt: skip
@@ -84,12 +90,14 @@ async def process_payments(runtime: Runtime, events: Sequence[faust.EventT]) -> 
                 scored.amount_usd,
             )
             if scored.is_alert:
-                alerts.append(alert_for(scored, engine.threshold))
+                alerts.append(alert_for(scored))
+    for partition, partition_events in events_by_partition.items():
+        runtime.hold_until_checkpoint(partition, partition_events)
 
-    for alert in alerts:
-        await runtime.topology.fraud_alerts.send(
-            key=alert.user_id.encode(), value=orjson.dumps(alert.model_dump())
-        )
+    documents = [orjson.dumps(alert.model_dump()) for alert in alerts]
+    for alert, document in zip(alerts, documents, strict=True):
+        await runtime.topology.fraud_alerts.send(key=alert.user_id.encode(), value=document)
+    await runtime.redis.publish_alerts(documents)
     await runtime.finish_batch(
         events,
         {"fraud_scores": rows, "events_per_minute": rollup.rows()},

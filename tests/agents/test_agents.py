@@ -72,6 +72,8 @@ class FakeRedisStore:
         self.state_writes: list[list[UserState]] = []
         self.processed: Counter[str] = Counter()
         self.latencies: list[tuple[str, list[float]]] = []
+        self.checkpoints: dict[tuple[str, int], bytes] = {}
+        self.alerts: list[bytes] = []
 
     async def write_user_states(
         self, states: Iterable[UserState], *, updated_at_ms: int, processed: Mapping[str, int]
@@ -86,6 +88,17 @@ class FakeRedisStore:
 
     async def record_latencies(self, stage: str, samples_ms: list[float]) -> None:
         self.latencies.append((stage, samples_ms))
+
+    async def load_checkpoint(self, app_id: str, partition: int) -> bytes | None:
+        return self.checkpoints.get((app_id, partition))
+
+    async def save_checkpoint(
+        self, app_id: str, partition: int, blob: bytes, meta: Mapping[str, Any]
+    ) -> None:
+        self.checkpoints[(app_id, partition)] = blob
+
+    async def publish_alerts(self, alerts: Iterable[bytes]) -> None:
+        self.alerts.extend(alerts)
 
     async def aclose(self) -> None:
         pass
@@ -512,7 +525,11 @@ async def test_labels_are_stored_and_queued_in_their_partitions_engine(harness: 
     assert harness.writer.table("fraud_scores")[-1]["model_version"].endswith("@1")
 
     await harness.settle()
-    assert all(e.message.refcount == 0 and len(e.message.acks) == 1 for e in events)
+    # Still held: the queued labels live in the engine until it is checkpointed.
+    assert all(e.message.refcount == 1 for e in events)
+    assert await harness.runtime.checkpoint_fraud_engines() == 2
+    assert set(harness.redis.checkpoints) == {(harness.runtime.settings.app_id, p) for p in (2, 3)}
+    assert all(e.message.refcount == 0 and len(e.message.acks) == 2 for e in events)
 
 
 # -- logistics ------------------------------------------------------------------------------------

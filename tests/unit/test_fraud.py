@@ -9,6 +9,7 @@ import random
 import pytest
 
 from models.fraud import HOUR_MS, FraudEngine, FraudModel, PaymentFeatures
+from models.fraud_features import unpack
 from schemas.events import FraudLabelEvent, PaymentEvent
 
 T0 = 1_767_268_800_000  # 2026-01-01T12:00:00Z (a Thursday, midday)
@@ -77,7 +78,7 @@ def test_engine_scores_each_payment_with_the_state_before_it() -> None:
     engine = FraudEngine()
     payments = [pay(ts=T0 + i * MINUTE) for i in range(3)]
     engine.score(payments)
-    vectors = [engine.snapshots[p.event_id].features for p in payments]
+    vectors = [unpack(engine.snapshots[p.event_id].features) for p in payments]
     assert vectors[0]["card_tx_1h"] == 0.0
     assert 0.95 < vectors[1]["card_tx_1h"] < 1.0  # one payment, decayed by one minute
     assert 1.9 < vectors[2]["card_tx_1h"] < 2.0
@@ -132,7 +133,20 @@ def test_card_testing_tiny_charges_then_a_large_one_fires_with_its_reason() -> N
     assert not any(s.is_alert for s in tiny_scores)
     assert big_score.is_alert
     assert big_score.score.score == pytest.approx(0.95)
-    assert big_score.score.reasons[0].startswith("card testing: several tiny charges")
+    assert big_score.score.reasons[0].startswith("card testing: a tiny charge then a large one")
+    assert any(r.startswith("card testing: several tiny charges") for r in big_score.score.reasons)
+
+
+def test_card_testing_burst_then_large_charge_minutes_later_fires() -> None:
+    engine = FraudEngine(threshold=0.8)
+    tiny = [pay(ts=T0 + i * 1000, amount=1.0) for i in range(4)]
+    big = pay(ts=T0 + 3 * MINUTE, amount=900.0)  # past the one-minute rule
+    big_score = engine.score([*tiny, big])[-1]
+    assert big_score.is_alert
+    assert big_score.score.score == pytest.approx(0.9)
+    assert big_score.score.reasons == [
+        "card testing: several tiny charges then a large one on this card"
+    ]
 
 
 def test_card_testing_burst_of_tiny_authorisations_fires() -> None:
@@ -226,7 +240,7 @@ def test_labels_complete_for() -> None:
 
 
 def test_snapshots_expire_by_event_time_ttl_and_late_labels_count_as_unknown() -> None:
-    engine = FraudEngine(label_apply_delay_ms=0, snapshot_ttl_ms=DAY)
+    engine = FraudEngine(label_apply_delay_ms=0, snapshot_ttl_ms=DAY, label_timeout_ms=DAY)
     old = pay(ts=T0)
     engine.score([old, pay(ts=T0 + DAY)])
     assert old.event_id in engine.snapshots  # exactly at the horizon: kept
@@ -235,6 +249,7 @@ def test_snapshots_expire_by_event_time_ttl_and_late_labels_count_as_unknown() -
     engine.add_labels([label_for(old, "fraud", T0 + DAY + 2)])
     engine.score([pay(ts=T0 + DAY + 3)])
     assert (engine.labels_unknown, engine.labels_applied) == (1, 0)
+    assert engine.labels_timed_out == 1  # `old`, learned as legitimate before it expired
 
 
 def test_snapshot_count_is_bounded() -> None:
@@ -260,7 +275,7 @@ def test_redelivered_payment_gets_its_first_score_and_changes_no_velocity() -> N
     card = engine.features.cards["c1"]
     assert (card.tx_1h, card.count, card.amount_1d, engine.features.users["u1"].count) == before
     next_one = engine.score([pay(ts=T0 + 20)])[0]
-    assert engine.snapshots[next_one.payment.event_id].features["card_tx_1h"] == pytest.approx(
+    assert unpack(engine.snapshots[next_one.payment.event_id].features)["card_tx_1h"] == pytest.approx(
         5.0, 1e-3
     )
 
