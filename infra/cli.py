@@ -148,6 +148,8 @@ def demo(settings: Settings, users: int, days: int, seed: int) -> None:
 
 def _register_optional_commands() -> None:
     """Sub-commands that live next to the code they drive."""
+    from infra.alerts import alerts_cli
+    from infra.evaluate import eval_cli
     from infra.generator import generate_command
     from infra.replay import replay_command
     from infra.stack import stack_cli
@@ -155,6 +157,8 @@ def _register_optional_commands() -> None:
     cli.add_command(stack_cli)
     cli.add_command(generate_command)
     cli.add_command(replay_command)
+    cli.add_command(eval_cli)
+    cli.add_command(alerts_cli)
 
 
 _register_optional_commands()

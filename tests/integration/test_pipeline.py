@@ -15,7 +15,9 @@ from typing import Any
 
 import orjson
 import pytest
+from click.testing import CliRunner
 
+from infra.cli import cli
 from infra.migrate import clickhouse_client, migrate
 from infra.processes import WorkerProcess, isolated, start_worker, wait_processed
 from schemas.config import Settings
@@ -215,6 +217,14 @@ def test_payments_are_scored_and_card_testing_raises_an_alert(pipeline: Settings
     assert alert["score"] >= alert["threshold"]
     assert alert["reasons"] and alert["card_id"] == f"card-{user}"
     assert alert["model_version"]
+
+    # Risk teams can follow the same alerts in the terminal (Redis stream bf:alerts).
+    tail = CliRunner().invoke(
+        cli, ["alerts", "tail", "--from-start", "--idle-exit", "2"], obj=pipeline
+    )
+    assert tail.exit_code == 0, tail.output
+    line = next(line for line in tail.output.splitlines() if big["event_id"] in line)
+    assert f"user {user}" in line and "card testing" in line
 
 
 def test_labels_and_shipments_reach_clickhouse(pipeline: Settings) -> None:

@@ -275,9 +275,9 @@ def test_redelivered_payment_gets_its_first_score_and_changes_no_velocity() -> N
     card = engine.features.cards["c1"]
     assert (card.tx_1h, card.count, card.amount_1d, engine.features.users["u1"].count) == before
     next_one = engine.score([pay(ts=T0 + 20)])[0]
-    assert unpack(engine.snapshots[next_one.payment.event_id].features)["card_tx_1h"] == pytest.approx(
-        5.0, 1e-3
-    )
+    assert unpack(engine.snapshots[next_one.payment.event_id].features)[
+        "card_tx_1h"
+    ] == pytest.approx(5.0, 1e-3)
 
 
 # -- learning -----------------------------------------------------------------------------------
