@@ -47,7 +47,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from river import anomaly, compose, drift, linear_model, optim, preprocessing, stats
+from river import anomaly, compose, drift, linear_model, optim, preprocessing, stats, tree
 
 from models.fraud_features import DAY_MS, HOUR_MS, PaymentFeatures, pack, unpack, usd_amount
 from schemas.events import FraudLabelEvent, PaymentEvent
@@ -138,31 +138,41 @@ class Score:
 class FraudModel:
     """The ensemble; see the module docstring."""
 
-    VERSION = "ensemble-v2"
+    VERSION = "ensemble-v3"
+    #: How far (in logits) the anomaly score may move a payment: a nudge, because on its own
+    #: an unsupervised detector ranks fraud far worse than the supervised learners.
+    ANOMALY_NUDGE = 0.5
 
     def __init__(
         self,
         *,
-        positive_weight: float = 10.0,
-        learning_rate: float = 0.05,
+        positive_weight: float = 3.0,
+        learning_rate: float = 0.005,
         min_labels: int = 50,
         min_frauds: int = 1,
         seed: int = 42,
     ) -> None:
-        self.supervised = compose.Pipeline(
+        self.positive_weight = positive_weight
+        self.learning_rate = learning_rate
+        self.seed = seed
+        self.linear = compose.Pipeline(
             preprocessing.StandardScaler(),
             linear_model.LogisticRegression(
                 optimizer=optim.SGD(learning_rate),
                 loss=optim.losses.Log(weight_pos=positive_weight, weight_neg=1.0),
-                l2=1e-4,
             ),
         )
+        # A tree captures thresholds and interactions a linear model cannot (an amount above
+        # a level, a risky merchant *and* a new card); averaging both is steadier than either.
+        self.tree = tree.HoeffdingTreeClassifier(grace_period=100)
         self.anomaly = anomaly.HalfSpaceTrees(
             n_trees=10, height=6, window_size=250, limits=dict(ANOMALY_LIMITS), seed=seed
         )
-        self.calibrator = linear_model.LogisticRegression(optimizer=optim.SGD(0.05))
+        #: Platt scaling of the combined logit: monotone, so it calibrates without reordering.
+        self.platt_slope = 1.0
+        self.platt_intercept = 0.0
         #: Models are used only once they have learned this much; before that an untrained
-        #: regression scores unfamiliar payments near 0.5 and would raise noise.
+        #: learner scores unfamiliar payments near 0.5 and would raise noise.
         self.min_labels = min_labels
         self.min_frauds = min_frauds
         self.labels_learned = 0
@@ -176,24 +186,23 @@ class FraudModel:
     def version(self) -> str:
         return f"{self.VERSION}@{self.labels_learned}"
 
+    def supervised_probability(self, x: dict[str, float]) -> float:
+        linear = float(self.linear.predict_proba_one(x).get(True, 0.0))
+        tree_p = float(self.tree.predict_proba_one(x).get(True, 0.0))
+        return 0.5 * (linear + tree_p)
+
+    def _calibrate(self, z: float) -> float:
+        return _sigmoid(self.platt_slope * z + self.platt_intercept)
+
     def score(self, x: dict[str, float]) -> Score:
         rules = fired_rules(x)
         anomaly_score = float(self.anomaly.score_one(_anomaly_view(x)))
         self.anomaly.learn_one(_anomaly_view(x))
-        supervised = (
-            float(self.supervised.predict_proba_one(x).get(True, 0.0)) if self.is_warm else 0.0
-        )
-        base = {
-            "supervised_logit": _logit(supervised) if self.is_warm else 0.0,
-            "anomaly": anomaly_score,
-            **rules,
-        }
+        supervised = self.supervised_probability(x) if self.is_warm else 0.0
+        z = _logit(supervised) + self.ANOMALY_NUDGE * (anomaly_score - 0.5)
+        base = {"z": z, "anomaly": anomaly_score, **rules}
         rule_score = max((RULES[name][0] for name, on in rules.items() if on), default=0.0)
-        if self.is_warm:
-            calibrated = float(self.calibrator.predict_proba_one(base).get(True, 0.0))
-            score = max(calibrated, rule_score)
-        else:
-            score = rule_score
+        score = max(self._calibrate(z), rule_score) if self.is_warm else rule_score
         reasons = [RULES[name][1] for name, on in rules.items() if on]
         if self.is_warm and score >= 0.5:
             reasons.extend(r for r in self._top_contributions(x) if r not in reasons)
@@ -202,16 +211,18 @@ class FraudModel:
         return Score(round(score, 6), round(supervised, 6), reasons[:4], self.version, base)
 
     def _top_contributions(self, x: dict[str, float], n: int = 3) -> list[str]:
-        scaler = self.supervised["StandardScaler"]
-        regression = self.supervised["LogisticRegression"]
+        scaler = self.linear["StandardScaler"]
+        regression = self.linear["LogisticRegression"]
         scaled = scaler.transform_one(x)
         contributions = {
             name: regression.weights.get(name, 0.0) * value for name, value in scaled.items()
         }
         ranked = sorted(contributions.items(), key=lambda kv: -kv[1])
+        strongest = ranked[0][1] if ranked else 0.0
         reasons: list[str] = []
         for name, contribution in ranked:
-            if contribution <= 0.5 or len(reasons) >= n:
+            # The features that pushed hardest: positive, and at least a quarter of the top.
+            if contribution <= 0 or contribution < 0.25 * strongest or len(reasons) >= n:
                 break
             reason = FEATURE_REASONS.get(name)
             if reason and reason not in reasons:
@@ -219,22 +230,39 @@ class FraudModel:
         return reasons
 
     def learn(self, x: dict[str, float], base: dict[str, float], is_fraud: bool) -> float:
-        """Learn one label; returns the supervised model's error before learning (for drift)."""
-        predicted = float(self.supervised.predict_proba_one(x).get(True, 0.0))
-        self.supervised.learn_one(x, is_fraud)
-        if base:
-            self.calibrator.learn_one(base, is_fraud)
+        """Learn one label; returns the supervised error before learning (for drift)."""
+        predicted = self.supervised_probability(x)
+        self.linear.learn_one(x, is_fraud)
+        self.tree.learn_one(x, is_fraud)
+        if "z" in base:
+            # One SGD step of Platt scaling on the logit the payment was scored with.
+            error = self._calibrate(base["z"]) - float(is_fraud)
+            self.platt_slope = max(0.05, self.platt_slope - 0.01 * error * base["z"])
+            self.platt_intercept -= 0.01 * error
         self.labels_learned += 1
         self.frauds_learned += int(is_fraud)
         return abs(float(is_fraud) - predicted)
 
     def reset_supervised(self) -> None:
-        """Forget the supervised learner (a drift reaction); rules and calibrator stay."""
-        fresh = FraudModel(min_labels=self.min_labels, min_frauds=self.min_frauds)
-        self.supervised = fresh.supervised
-        self.calibrator = fresh.calibrator
+        """Forget the supervised learners (a drift reaction); rules and detector stay."""
+        fresh = FraudModel(
+            positive_weight=self.positive_weight,
+            learning_rate=self.learning_rate,
+            min_labels=self.min_labels,
+            min_frauds=self.min_frauds,
+            seed=self.seed,
+        )
+        self.linear, self.tree = fresh.linear, fresh.tree
+        self.platt_slope, self.platt_intercept = 1.0, 0.0
         self.labels_learned = 0
         self.frauds_learned = 0
+
+
+def _sigmoid(z: float) -> float:
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
 
 
 def _anomaly_view(x: dict[str, float]) -> dict[str, float]:
@@ -373,7 +401,9 @@ class FraudEngine:
         self.drift_reaction = drift_reaction
         self.features = PaymentFeatures()
         self.model = FraudModel()
-        self.drift = drift.ADWIN()
+        # A small delta: the error stream is bursty (frauds arrive in campaigns), and only a
+        # lasting change in the error level should count as drift.
+        self.drift = drift.ADWIN(delta=1e-4)
         #: txn_id -> how it was scored; kept after its label is learned (until the TTL) so
         #: that a redelivered payment or label changes nothing.
         self.snapshots: OrderedDict[str, _Snapshot] = OrderedDict()
@@ -494,8 +524,16 @@ class FraudEngine:
 
     def to_checkpoint(self) -> bytes:
         """The whole engine as versioned, compressed bytes (River models pickle)."""
-        payload = pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
-        return self.CHECKPOINT_FORMAT.to_bytes(2, "big") + zlib.compress(payload, 1)
+        return self.compress_checkpoint(self.pickle())
+
+    def pickle(self) -> bytes:
+        """A consistent image of the engine: call it where nothing else mutates the engine
+        (the worker's event loop), then compress it elsewhere."""
+        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def compress_checkpoint(cls, pickled: bytes) -> bytes:
+        return cls.CHECKPOINT_FORMAT.to_bytes(2, "big") + zlib.compress(pickled, 1)
 
     @classmethod
     def from_checkpoint(cls, blob: bytes) -> FraudEngine:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from array import array
 from collections import OrderedDict
+from typing import Any
 
 from models.decay import DecayedSum
 from models.fx import to_usd
@@ -114,6 +115,10 @@ class BoundedStates(OrderedDict[str, EntityState]):
     def __init__(self, limit: int) -> None:
         super().__init__()
         self.limit = limit
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # OrderedDict's default pickling calls the class without arguments.
+        return (type(self), (self.limit,), None, None, iter(self.items()))
 
     def get_state(self, key: str) -> EntityState:
         state = self.get(key)

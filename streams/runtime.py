@@ -56,6 +56,7 @@ class Runtime:
         self.recommender = SessionRecommender()
         self.fraud_engines: dict[int, FraudEngine] = {}
         self._checkpoint_holds: dict[int, list[Any]] = {}
+        self._engine_loads: dict[int, asyncio.Future[FraudEngine]] = {}
         #: Last offset seen per fraud-labels partition (to tell a caught-up label stream).
         self.label_offsets: dict[int, int] = {}
         self.deadlettered = 0
@@ -180,14 +181,29 @@ class Runtime:
     async def fraud_engine(self, partition: int) -> FraudEngine:
         """The partition's engine: in memory, else its last checkpoint, else a new one."""
         engine = self.fraud_engines.get(partition)
-        if engine is None:
-            blob = await self.redis.load_checkpoint(self.settings.app_id, partition)
-            if blob is not None:
-                engine = await asyncio.to_thread(FraudEngine.from_checkpoint, blob)
-                log.info("fraud engine of partition %d restored: %s", partition, engine.stats())
-            else:
-                engine = self.new_fraud_engine()
-            self.fraud_engines[partition] = engine
+        if engine is not None:
+            return engine
+        # The payments and labels agents may both ask first: one load, shared by both.
+        loading = self._engine_loads.get(partition)
+        if loading is None:
+            loading = self._engine_loads[partition] = asyncio.ensure_future(
+                self._load_fraud_engine(partition)
+            )
+        try:
+            engine = await asyncio.shield(loading)
+        finally:
+            if loading.done():
+                self._engine_loads.pop(partition, None)
+        return engine
+
+    async def _load_fraud_engine(self, partition: int) -> FraudEngine:
+        blob = await self.redis.load_checkpoint(self.settings.app_id, partition)
+        if blob is not None:
+            engine = await asyncio.to_thread(FraudEngine.from_checkpoint, blob)
+            log.info("fraud engine of partition %d restored: %s", partition, engine.stats())
+        else:
+            engine = self.new_fraud_engine()
+        self.fraud_engines[partition] = engine
         return engine
 
     def hold_until_checkpoint(self, partition: int, events: Sequence[faust.EventT]) -> None:
@@ -208,13 +224,14 @@ class Runtime:
             held = self._checkpoint_holds.pop(partition, [])
             if engine is None:
                 continue
-            blob = await asyncio.to_thread(engine.to_checkpoint)
+            # Pickled on the event loop (the only place the engine changes), so the image is
+            # consistent; compressed off the loop.
+            blob = await asyncio.to_thread(FraudEngine.compress_checkpoint, engine.pickle())
             await self.redis.save_checkpoint(
                 self.settings.app_id,
                 partition,
                 blob,
-                {"model_version": engine.model_version, "watermark_ms": engine.watermark_ms,
-                 "saved_at_ms": wall_ms(), "bytes": len(blob)},
+                {**engine.stats(), "saved_at_ms": wall_ms(), "bytes": len(blob)},
             )  # fmt: skip
             saved += 1
             for message in held:

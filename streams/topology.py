@@ -83,6 +83,11 @@ def build_app(settings: Settings) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
         stream_buffer_maxsize=max(4096, 2 * settings.batch_max_events),
+        # Offsets are held until ClickHouse and the fraud checkpoints have the batch; waiting
+        # for every message to be acked before a rebalance or shutdown could then stall for a
+        # checkpoint interval or forever. Unacked offsets are simply not committed: the next
+        # owner processes them again, and every sink and model absorbs the repeat.
+        stream_wait_empty=False,
         producer_linger=0.005,
         web_host="127.0.0.1",
         web_port=settings.worker_web_port,

@@ -640,3 +640,19 @@ async def test_dead_letter_of_a_large_invalid_value_still_fits_one_kafka_request
     [record] = harness.deadletters
     del record["key"]
     assert len(orjson.dumps(record)) <= 1_000_000
+
+
+async def test_concurrent_first_use_of_a_partition_shares_one_engine(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The payments and labels agents may both ask for a partition's engine first; labels
+    # queued in one engine while the other replaced it would be lost.
+    async def slow_load(app_id: str, partition: int) -> bytes | None:
+        await asyncio.sleep(0.01)
+        return None
+
+    monkeypatch.setattr(harness.redis, "load_checkpoint", slow_load)
+    first, second = await asyncio.gather(
+        harness.runtime.fraud_engine(5), harness.runtime.fraud_engine(5)
+    )
+    assert first is second is harness.runtime.fraud_engines[5]
