@@ -162,6 +162,37 @@ def measure_latency(
     }
 
 
+def measure_fraud_scoring_cost(n_payments: int = 20_000) -> dict[str, Any]:
+    """In-process cost of the fraud engine alone (features + ensemble + learning), on
+    handbook-simulator payments with their labels, after a warm-up that makes the models used."""
+    from infra.handbook import HandbookConfig, simulate_handbook
+    from models.fraud import FraudEngine
+    from schemas.events import FraudLabelEvent, PaymentEvent
+
+    engine = FraudEngine()
+    payments: list[PaymentEvent] = []
+    labels: list[FraudLabelEvent] = []
+    for event in simulate_handbook(HandbookConfig(customers=500, terminals=1000, days=60)):
+        if event.topic == "payments":
+            payments.append(PaymentEvent.model_validate(event.value))
+        else:
+            labels.append(FraudLabelEvent.model_validate(event.value))
+        if len(payments) >= 2 * n_payments:
+            break
+    warm, timed = payments[:n_payments], payments[n_payments : 2 * n_payments]
+    engine.add_labels(labels)
+    engine.score(warm)
+    started = time.perf_counter()
+    engine.score(timed)
+    elapsed = time.perf_counter() - started
+    return {
+        "payments": len(timed),
+        "us_per_payment": round(elapsed / max(1, len(timed)) * 1e6, 1),
+        "model_version": engine.model_version,
+        "what": "features + ensemble score + label learning, one process, no I/O",
+    }
+
+
 async def _forget_latencies(settings: Settings) -> None:
     store = RedisStore(settings)
     try:
@@ -216,6 +247,9 @@ def run_bench(
         },
         "throughput": {},
     }
+    click.echo("fraud scoring cost (in process) ...")
+    results["fraud_scoring"] = measure_fraud_scoring_cost()
+    click.echo(f"  {results['fraud_scoring']['us_per_payment']} us per payment")
     variants = (["naive"] if run_naive else []) + ["batched"]
     for variant in variants:
         click.echo(f"throughput: {variant} pipeline ...")

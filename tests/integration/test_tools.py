@@ -47,6 +47,8 @@ def test_bench_writes_results_for_both_variants(stack: Settings, tmp_path: Path)
     assert latency["samples"] > 100
     assert 0 < latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"]
     assert results["workload"]["mix"]["clicks"] > 0 and results["machine"]["cpus"] >= 1
+    assert results["fraud_scoring"]["us_per_payment"] > 0
+    assert not results["fraud_scoring"]["model_version"].endswith("@0")
 
 
 def test_demo_shows_every_user_group(stack: Settings, tmp_path: Path) -> None:

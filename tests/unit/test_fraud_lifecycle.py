@@ -192,3 +192,23 @@ def test_checkpoint_format_is_versioned() -> None:
 def test_model_version_counts_learned_labels() -> None:
     model = FraudModel()
     assert model.version == f"{FraudModel.VERSION}@0"
+
+
+def test_label_arriving_before_its_transaction_is_learned_once_the_payment_is_scored() -> None:
+    engine = FraudEngine(label_apply_delay_ms=HOUR)
+    early = pay(0, T0)
+    # The label reaches the engine first (feeds are not ordered across topics) ...
+    engine.add_labels([label(early, True, T0 + MINUTE)])
+    # ... the payment is scored afterwards, then time passes the label's apply time.
+    engine.score([early])
+    assert engine.labels_applied == 0
+    engine.score([pay(1, T0 + MINUTE + HOUR)])
+    assert (engine.labels_applied, engine.model.frauds_learned, engine.labels_unknown) == (1, 1, 0)
+
+
+def test_label_without_any_transaction_is_counted_not_fatal() -> None:
+    engine = FraudEngine(label_apply_delay_ms=0)
+    ghost = pay(99, T0)
+    engine.add_labels([label(ghost, True, T0)])
+    engine.score([pay(1, T0 + MINUTE)])
+    assert (engine.labels_unknown, engine.labels_applied) == (1, 0)
