@@ -48,6 +48,7 @@ import click
 import numpy as np
 import orjson
 
+from models.fx import USD_PER_UNIT
 from schemas.config import Settings
 from schemas.errors import BorderflowError
 from schemas.events import CLICKS, FRAUD_LABELS, LOGISTICS, PAYMENTS, to_epoch_ms
@@ -66,22 +67,9 @@ INPUT_TOPICS = (CLICKS, PAYMENTS, FRAUD_LABELS, LOGISTICS)
 # Static world tables
 # --------------------------------------------------------------------------------------------
 
-#: USD per one unit of each currency (rounded mid-2025 rates; a fixed table keeps runs
-#: reproducible and lets consumers convert back with the same numbers).
-FX_USD_PER_UNIT: dict[str, float] = {
-    "USD": 1.0,
-    "GBP": 1.27,
-    "EUR": 1.08,
-    "BRL": 0.18,
-    "MXN": 0.055,
-    "CNY": 0.138,
-    "JPY": 0.0066,
-    "RUB": 0.011,
-    "SAR": 0.2667,
-    "INR": 0.012,
-    "KRW": 0.00072,
-    "AUD": 0.65,
-}
+#: USD per one unit of each currency: the pipeline's own versioned rates (models/fx_rates), so
+#: converting back and forth gives the generator's USD prices exactly.
+FX_USD_PER_UNIT: dict[str, float] = USD_PER_UNIT
 #: Currencies without minor units are rounded to whole units.
 ZERO_DECIMAL_CURRENCIES = frozenset({"JPY", "KRW"})
 

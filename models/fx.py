@@ -1,8 +1,9 @@
-"""Currency conversion to USD from a versioned, static rate table.
+"""Currency conversion to USD from a versioned rates file.
 
 Amounts are compared across markets (fraud velocity, RFM monetary value), so every amount is
-also expressed in USD. Rates are fixed per version (not fetched at run time), which keeps
-replays reproducible; a new version is a new table, named in ``FX_RATES_VERSION``.
+also expressed in USD. Rates come from ``models/fx_rates/<version>.json`` (not fetched at run
+time), which keeps replays reproducible; a new version is a new file, selected by
+``FX_RATES_VERSION``. The generator converts with the same table, so round trips are exact.
 
 >>> to_usd(100.0, "EUR")
 108.0
@@ -12,33 +13,23 @@ True
 
 from __future__ import annotations
 
-FX_RATES_VERSION = "2026-01-01"
+import json
+from pathlib import Path
 
-#: USD per one unit of each currency (ISO 4217), as of FX_RATES_VERSION.
-USD_PER_UNIT: dict[str, float] = {
-    "USD": 1.0,
-    "EUR": 1.08,
-    "GBP": 1.27,
-    "CNY": 0.14,
-    "JPY": 0.0068,
-    "KRW": 0.00075,
-    "INR": 0.012,
-    "BRL": 0.20,
-    "MXN": 0.058,
-    "RUB": 0.011,
-    "SAR": 0.2667,
-    "AED": 0.2723,
-    "AUD": 0.66,
-    "CAD": 0.74,
-    "CHF": 1.13,
-    "SEK": 0.095,
-    "PLN": 0.25,
-    "TRY": 0.031,
-    "IDR": 0.000064,
-    "SGD": 0.74,
-    "HKD": 0.128,
-    "ZAR": 0.054,
-}
+FX_RATES_VERSION = "2026-01-01"
+RATES_DIR = Path(__file__).resolve().parent / "fx_rates"
+
+
+def load_rates(version: str = FX_RATES_VERSION) -> dict[str, float]:
+    """USD per one unit of each currency (ISO 4217) in rates file ``version``."""
+    document = json.loads((RATES_DIR / f"{version}.json").read_text())
+    if document.get("version") != version or document.get("base") != "USD":
+        raise ValueError(f"rates file {version}.json does not describe version {version} in USD")
+    return {currency: float(rate) for currency, rate in document["usd_per_unit"].items()}
+
+
+#: The rates in force.
+USD_PER_UNIT: dict[str, float] = load_rates()
 
 
 def to_usd(amount: float, currency: str) -> float | None:

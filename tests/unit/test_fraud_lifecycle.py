@@ -212,3 +212,12 @@ def test_label_without_any_transaction_is_counted_not_fatal() -> None:
     engine.add_labels([label(ghost, True, T0)])
     engine.score([pay(1, T0 + MINUTE)])
     assert (engine.labels_unknown, engine.labels_applied) == (1, 0)
+
+
+def test_every_generator_currency_has_a_usd_rate() -> None:
+    from infra.generator import COUNTRIES
+    from models.fx import FX_RATES_VERSION, USD_PER_UNIT, load_rates
+
+    assert {country.currency for country in COUNTRIES} <= set(USD_PER_UNIT)
+    assert load_rates(FX_RATES_VERSION) == USD_PER_UNIT
+    assert USD_PER_UNIT["USD"] == 1.0
