@@ -53,6 +53,7 @@ from models.evaluation import (
 )
 from schemas.config import Settings
 from schemas.errors import BorderflowError
+from sinks.clickhouse import clickhouse_client
 
 #: Cards an investigator team checks per day in the handbook's protocol.
 CP_K = 100
@@ -117,15 +118,7 @@ _MODEL_METRICS_COLUMNS = ("computed_at", "run_id", "model", "day", "metric", "va
 def _clickhouse(settings: Settings) -> Iterator[Client]:
     """A client on the settings' database; driver and socket errors become one line."""
     where = f"ClickHouse at {settings.clickhouse_host}:{settings.clickhouse_port}"
-    client = Client(
-        host=settings.clickhouse_host,
-        port=settings.clickhouse_port,
-        user=settings.clickhouse_user,
-        password=settings.clickhouse_password.get_secret_value(),
-        database=settings.clickhouse_database,
-        connect_timeout=5,
-        send_receive_timeout=300,
-    )
+    client = clickhouse_client(settings, timeout_s=300)
     try:
         yield client
     except (NetworkError, SocketTimeoutError) as exc:

@@ -20,6 +20,7 @@ from clickhouse_driver.errors import Error as ClickHouseError
 
 from schemas.config import Settings
 from schemas.errors import BorderflowError
+from sinks.clickhouse import clickhouse_client as sinks_clickhouse_client
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -55,15 +56,8 @@ def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
 
 
 def clickhouse_client(settings: Settings, database: str | None = None) -> Client:
-    return Client(
-        host=settings.clickhouse_host,
-        port=settings.clickhouse_port,
-        user=settings.clickhouse_user,
-        password=settings.clickhouse_password.get_secret_value(),
-        database=database or "default",
-        connect_timeout=5,
-        send_receive_timeout=60,
-    )
+    """A client on ``database``, or on ``default`` (which always exists) when not given."""
+    return sinks_clickhouse_client(settings, database or "default")
 
 
 def migrate(settings: Settings) -> list[str]:

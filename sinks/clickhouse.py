@@ -222,16 +222,23 @@ class ClickHouseWriter:
                 self._cond.notify_all()
 
 
-def _connect(settings: Settings) -> Client:
+def clickhouse_client(
+    settings: Settings, database: str | None = None, *, timeout_s: float = 60
+) -> Client:
+    """A native-protocol client for ``settings`` (the settings' database unless given)."""
     return Client(
         host=settings.clickhouse_host,
         port=settings.clickhouse_port,
         user=settings.clickhouse_user,
         password=settings.clickhouse_password.get_secret_value(),
-        database=settings.clickhouse_database,
+        database=database or settings.clickhouse_database,
         connect_timeout=5,
-        send_receive_timeout=60,
+        send_receive_timeout=timeout_s,
     )
+
+
+def _connect(settings: Settings) -> Client:
+    return clickhouse_client(settings)
 
 
 def _insert_columnar(client: Any, table: str, rows: list[tuple[Any, ...]]) -> None:
