@@ -67,10 +67,29 @@ async def _processed_total(store: RedisStore) -> int:
     return sum((await store.processed_counts()).values())
 
 
+def processed_total(settings: Settings) -> int:
+    """Events processed so far under ``settings``' Redis prefix, all workers together."""
+
+    async def read() -> int:
+        store = RedisStore(settings)
+        try:
+            return await _processed_total(store)
+        finally:
+            await store.aclose()
+
+    return asyncio.run(read())
+
+
 def wait_processed(
-    settings: Settings, expected: int, worker: WorkerProcess, timeout_s: float
+    settings: Settings,
+    expected: int,
+    worker: WorkerProcess,
+    timeout_s: float,
+    *,
+    baseline: int = 0,
 ) -> tuple[float, int, float]:
-    """Poll the worker's counters; returns (first_progress_time, count_then, done_time)."""
+    """Poll the processed counters until ``expected`` events more than ``baseline`` are done;
+    returns (first_progress_time, count_then, done_time), counts relative to ``baseline``."""
 
     async def poll() -> tuple[float, int, float]:
         store = RedisStore(settings)
@@ -82,7 +101,7 @@ def wait_processed(
                     raise BorderflowError(
                         f"worker exited with {worker.process.returncode}; see {worker.log_path}"
                     )
-                done = await _processed_total(store)
+                done = await _processed_total(store) - baseline
                 now = time.perf_counter()
                 if first is None and done > 0:
                     first = (now, done)

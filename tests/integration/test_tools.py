@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,5 +63,8 @@ def test_demo_shows_every_user_group(stack: Settings, tmp_path: Path) -> None:
     for section in ("pipeline", "storefronts: Redis", "risk team", "analysts: ClickHouse"):
         assert f"== {section}" in text
     assert "recs after event clk-" in text
+    processed = re.search(r"processed ([\d,]+) events; ([\d,]+) events/s", text)
+    assert processed, text
+    assert int(processed[2].replace(",", "")) > 0  # it waited for this run's worker
     assert "events per topic" in text and "clicks" in text
     assert "worker stopped" in text
