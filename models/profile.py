@@ -62,6 +62,9 @@ class UserProfile:
     recent_purchases: list[str] = field(default_factory=list)
     recent_event_ids: list[str] = field(default_factory=list)
     personalisation: bool = True
+    last_purchase_ts: int = 0
+    #: RFM segment (models.segments): "high-value", "dynamic", "growth"; "" before a purchase.
+    segment: str = ""
 
     @classmethod
     def new(cls, user_id: str) -> UserProfile:
@@ -120,6 +123,7 @@ class UserProfile:
             ).decode(),
             "session_depth": self.session_events,
             "personalisation": int(self.personalisation),
+            "segment": self.segment,
         }
 
 
@@ -173,6 +177,7 @@ def apply_click(profile: UserProfile, event: ClickEvent) -> bool:
         profile.carts += 1
     elif kind == "purchase":
         profile.purchases += 1
+        profile.last_purchase_ts = max(profile.last_purchase_ts, ts)
         if event.price is not None and event.currency:
             profile.monetary_usd += to_usd(event.price, event.currency) or 0.0
         if event.item_id:

@@ -41,6 +41,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "ts", "ts_ms", "promised_ts_ms", "location", "ingested_at",
     ),
     "events_per_minute": ("minute", "topic", "event_type", "country", "events", "amount_usd"),
+    "segment_mix_per_hour": ("hour", "country", "segment", "purchases", "revenue_usd"),
 }  # fmt: skip
 
 

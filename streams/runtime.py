@@ -23,6 +23,7 @@ from faust.types import TP
 
 from models.fraud import AlertPolicy, FraudEngine
 from models.recommender import SessionRecommender
+from models.segments import RfmSegmenter
 from schemas.config import Settings
 from schemas.decode import Rejected, decode_message
 from schemas.events import InboundEvent
@@ -54,6 +55,8 @@ class Runtime:
         self._redis = redis
         self._clickhouse = clickhouse
         self.recommender = SessionRecommender()
+        #: One RFM segmenter per clicks partition (in memory: relearned after a restart).
+        self.segmenters: dict[int, RfmSegmenter] = {}
         self.fraud_engines: dict[int, FraudEngine] = {}
         self._checkpoint_holds: dict[int, list[Any]] = {}
         self._engine_loads: dict[int, asyncio.Future[FraudEngine]] = {}
@@ -160,6 +163,12 @@ class Runtime:
         writer = self.clickhouse
         while not writer.has_capacity():
             await asyncio.to_thread(writer.wait_for_capacity, 1.0)
+
+    def segmenter(self, partition: int) -> RfmSegmenter:
+        segmenter = self.segmenters.get(partition)
+        if segmenter is None:
+            segmenter = self.segmenters[partition] = RfmSegmenter()
+        return segmenter
 
     # -- fraud engines (one per payments partition) -------------------------------------------
     def new_fraud_engine(self) -> FraudEngine:
@@ -296,6 +305,22 @@ class RollupCounter:
             for k, count in self.counts.items()
             for minute, event_type, country in (k,)
         ]
+
+
+class SegmentMix:
+    """Per-batch pre-aggregation of ``segment_mix_per_hour`` rows (purchases, revenue)."""
+
+    def __init__(self) -> None:
+        self.purchases: Counter[tuple[int, str, str]] = Counter()
+        self.revenue: dict[tuple[int, str, str], float] = {}
+
+    def add(self, ts_ms: int, country: str | None, segment: str, revenue_usd: float) -> None:
+        key = ((ts_ms // 3_600_000) * 3600, country or "", segment)
+        self.purchases[key] += 1
+        self.revenue[key] = self.revenue.get(key, 0.0) + revenue_usd
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        return [(*key, count, round(self.revenue[key], 6)) for key, count in self.purchases.items()]
 
 
 def wall_ms() -> int:

@@ -311,6 +311,14 @@ async def test_clicks_write_one_state_per_user_with_the_latest_event(harness: Ha
     purchases = [row for row in rollup if row["event_type"] == "purchase"]
     assert [row["amount_usd"] for row in purchases] == [pytest.approx(10.8)]
 
+    # The purchase placed the buyer in an RFM segment, and the segment mix counts it.
+    assert profile["segment"] in {"high-value", "dynamic", "growth"}
+    assert by_user["u2"].profile["segment"] == ""  # no purchase yet
+    [mix] = harness.writer.table("segment_mix_per_hour")
+    assert (mix["country"], mix["segment"], mix["purchases"]) == ("DE", profile["segment"], 1)
+    assert mix["revenue_usd"] == pytest.approx(10.8)
+    assert mix["hour"] == (T0 + 10 * MINUTE) // 3_600_000 * 3600
+
 
 async def test_the_next_batch_continues_the_stored_profile(harness: Harness) -> None:
     first = click("u1", T0)

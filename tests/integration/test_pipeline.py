@@ -154,6 +154,7 @@ def test_clicks_update_profile_recs_and_meta(pipeline: Settings) -> None:
     assert profile["frequency_purchases"] == "1"
     assert float(profile["monetary_usd"]) == pytest.approx(80 * 1.08)
     assert "shoes" in profile["top_categories"]
+    assert profile["segment"] in {"high-value", "dynamic", "growth"}
     recs = [item for item, _ in redis_read(pipeline, "read_recs", user, 20)]
     assert "i2" in recs  # i1's neighbour
     assert "i9" not in recs  # just bought

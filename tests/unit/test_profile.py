@@ -258,6 +258,7 @@ def test_redis_hash_has_the_documented_flat_fields() -> None:
         "top_categories",
         "session_depth",
         "personalisation",
+        "segment",
     }
     for key, value in data.items():
         assert type(value) in (str, int, float), key
