@@ -106,7 +106,7 @@ def _show_storefront(settings: Settings, events: list[Any]) -> None:
                 )
                 click.echo(
                     f"  recs after event {meta.get('last_event_id')}: "
-                    + ", ".join(f"{item} ({score:.2f})" for item, score in recs)
+                    + ", ".join(f"{item} ({score:.3g})" for item, score in recs)
                 )
         finally:
             await store.aclose()

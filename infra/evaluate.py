@@ -44,6 +44,7 @@ from clickhouse_driver import Client
 from clickhouse_driver.errors import Error as ClickHouseError
 from clickhouse_driver.errors import NetworkError, SocketTimeoutError
 
+from infra.eval_recs import eval_recs_command
 from models.evaluation import (
     CardPrecisionAtK,
     alert_metrics,
@@ -470,7 +471,7 @@ def format_report(result: Mapping[str, Any]) -> str:
 
 @click.group(name="eval")
 def eval_cli() -> None:
-    """Evaluate models on what the pipeline recorded in ClickHouse."""
+    """Evaluate models: fraud scores recorded in ClickHouse, recommendations on a session file."""
 
 
 @eval_cli.command()
@@ -535,3 +536,6 @@ def fraud(
         click.echo("model_metrics: not written (--no-write)")
     else:
         click.echo(f"model_metrics: {written} rows written, run_id {run_id}")
+
+
+eval_cli.add_command(eval_recs_command)
