@@ -26,7 +26,7 @@ from models.recommender import SessionRecommender
 from models.segments import RfmSegmenter
 from schemas.config import Settings
 from schemas.decode import Rejected, decode_message
-from schemas.events import InboundEvent
+from schemas.events import DeadLetter, InboundEvent
 from sinks.clickhouse import ClickHouseWriter
 from sinks.redis_store import RedisStore
 from streams.topology import Topology
@@ -106,24 +106,25 @@ class Runtime:
         # 1,000,000 bytes). Larger originals are cut; the record says so, and the whole
         # original stays at (source_topic, partition, offset).
         kept = payload[:MAX_DEADLETTER_PAYLOAD]
-        record = {
-            "schema_version": 1,
-            "source_topic": message.topic,
-            "partition": message.partition,
-            "offset": message.offset,
-            "error": rejected.error,
-            "payload": kept[:DEADLETTER_TEXT_BYTES].decode("utf-8", errors="replace"),
-            "payload_b64": base64.b64encode(kept).decode("ascii"),
-            "payload_bytes": len(payload),
-            "truncated": len(kept) < len(payload),
-            "index": rejected.index,
-        }
+        record = DeadLetter(
+            source_topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            error=rejected.error,
+            payload=kept[:DEADLETTER_TEXT_BYTES].decode("utf-8", errors="replace"),
+            payload_b64=base64.b64encode(kept).decode("ascii"),
+            payload_bytes=len(payload),
+            truncated=len(kept) < len(payload),
+            index=rejected.index,
+        )
         self.deadlettered += 1
         log.warning(
             "dead-lettered %s[%s]@%s: %s",
             message.topic, message.partition, message.offset, rejected.error,
         )  # fmt: skip
-        await self.topology.deadletter.send(key=message.key, value=orjson.dumps(record))
+        await self.topology.deadletter.send(
+            key=message.key, value=orjson.dumps(record.model_dump())
+        )
 
     # -- durable acknowledgements ---------------------------------------------------------------
     def hold_until_durable(self, events: Sequence[faust.EventT]) -> None:
