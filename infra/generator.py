@@ -650,6 +650,7 @@ class _Simulation:
                 **base,
                 "item_id": self.item_ids[item],
                 "category": CATEGORIES[category].name,
+                "origin_country": self.item_origin[item],
                 "price": prices[item],
             }
             emit(
@@ -678,6 +679,7 @@ class _Simulation:
                         "type": "remove_from_cart",
                         "item_id": self.item_ids[removed],
                         "category": CATEGORIES[self.item_cat[removed]].name,
+                        "origin_country": self.item_origin[removed],
                         "price": prices[removed],
                     },
                     t,
@@ -702,6 +704,7 @@ class _Simulation:
                     "type": "purchase",
                     "item_id": self.item_ids[item],
                     "category": CATEGORIES[self.item_cat[item]].name,
+                    "origin_country": self.item_origin[item],
                     "price": prices[item],
                 },
                 t + k,
@@ -942,6 +945,7 @@ class _Simulation:
                 **base,
                 "item_id": self.item_ids[item],
                 "category": CATEGORIES[self.item_cat[item]].name,
+                "origin_country": self.item_origin[item],
                 "price": prices[item],
             }
             for kind in ("view", "add_to_cart"):
@@ -963,6 +967,7 @@ class _Simulation:
                     "type": "purchase",
                     "item_id": self.item_ids[item],
                     "category": CATEGORIES[self.item_cat[item]].name,
+                    "origin_country": self.item_origin[item],
                     "price": prices[item],
                 },
                 t,

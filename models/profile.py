@@ -1,10 +1,13 @@
 """Online user profiles, updated click by click in event time.
 
 A profile holds what storefronts personalise with: RFM (recency, frequency, monetary value in
-USD), category affinity with exponential time decay, preferred device/language/currency, the
-current session, and the last items bought. ``apply_click`` is idempotent: each profile keeps
-the ids of its most recent events, so a redelivered event (at-least-once processing) is
-ignored instead of counted twice.
+USD), category affinity with exponential time decay, price band, preferred
+device/language/currency, peak hours, the current session (depth, dwell), the last items
+bought, and the user's delivery experience (``apply_shipment_scan``: average delivery days,
+late share), plus the recommendations last served (for online evaluation).
+
+``apply_click`` is idempotent: each profile keeps the ids of its most recent events, so a
+redelivered event (at-least-once processing) is ignored instead of counted twice.
 
 >>> from schemas.events import ClickEvent
 >>> p = UserProfile.new("u1")
@@ -22,13 +25,26 @@ from typing import Any
 import orjson
 
 from models.fx import to_usd
-from schemas.events import ClickEvent
+from schemas.events import ClickEvent, LogisticsEvent
 
 #: Category affinity halves every 7 days of event time.
 AFFINITY_HALF_LIFE_MS = 7 * 24 * 3600 * 1000
 #: A gap of more than 30 minutes (event time) starts a new session.
 SESSION_GAP_MS = 30 * 60 * 1000
 RECENT_EVENT_IDS = 64
+RECENT_SCAN_IDS = 32
+#: Orders in flight tracked per user (the oldest is forgotten beyond this).
+OPEN_SHIPMENTS = 20
+DAY_MS = 86_400_000
+#: Price bands in USD: (name, lower bound). A band holds prices from its bound to the next.
+PRICE_BANDS: tuple[tuple[str, float], ...] = (
+    ("budget", 0.0),
+    ("mid", 25.0),
+    ("premium", 100.0),
+    ("luxury", 400.0),
+)
+#: How much a click says about the prices a user is willing to pay, by click type.
+PRICE_SIGNAL = {"view": 1.0, "add_to_cart": 3.0, "purchase": 5.0}
 SESSION_ITEMS = 20
 RECENT_PURCHASES = 20
 TOP_CATEGORIES = 5
@@ -65,6 +81,30 @@ class UserProfile:
     last_purchase_ts: int = 0
     #: RFM segment (models.segments): "high-value", "dynamic", "growth"; "" before a purchase.
     segment: str = ""
+    #: price band name -> weight of the clicks on items in that band (PRICE_SIGNAL).
+    price_bands: dict[str, float] = field(default_factory=dict)
+    price_usd_sum: float = 0.0
+    price_samples: int = 0
+    #: Time between consecutive clicks of a session (the dwell on the earlier page).
+    dwell_ms_total: int = 0
+    dwell_samples: int = 0
+    #: Items bought in the current session ("frequently bought together").
+    session_purchases: list[str] = field(default_factory=list)
+    # -- delivery experience (logistics scans, apply_shipment_scan) --------------------------
+    #: order_id -> [first scan ts_ms, promised ts_ms or 0], for orders not yet delivered.
+    open_shipments: dict[str, list[int]] = field(default_factory=dict)
+    deliveries: int = 0
+    delivery_days_total: float = 0.0
+    late_deliveries: int = 0
+    returned_shipments: int = 0
+    last_scan_ts: int = 0
+    last_scan_id: str = ""
+    recent_scan_ids: list[str] = field(default_factory=list)
+    # -- what was served (online evaluation in rec_predictions) ------------------------------
+    #: The recommendations last written to Redis for this user, best first, and the event
+    #: time of the state they were computed for.
+    served_recs: list[str] = field(default_factory=list)
+    served_at_ts: int = 0
 
     @classmethod
     def new(cls, user_id: str) -> UserProfile:
@@ -91,6 +131,24 @@ class UserProfile:
         scores = self.affinity_at(ts_ms)
         return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
+    def freshness(self) -> tuple[int, str]:
+        """(event time, event id) of the newest event folded in: click or shipment scan."""
+        if self.last_scan_ts > self.last_ts:
+            return self.last_scan_ts, self.last_scan_id
+        return self.last_ts, self.last_event_id
+
+    def price_band(self) -> str:
+        """The band of the prices this user engages with most ("" before any priced click)."""
+        if not self.price_bands:
+            return ""
+        return max(sorted(self.price_bands), key=lambda band: self.price_bands[band])
+
+    def avg_delivery_days(self) -> float | None:
+        return self.delivery_days_total / self.deliveries if self.deliveries else None
+
+    def late_share(self) -> float | None:
+        return self.late_deliveries / self.deliveries if self.deliveries else None
+
     def preferred_device(self) -> str:
         if not self.devices:
             return ""
@@ -101,10 +159,17 @@ class UserProfile:
         return [h for h in ranked[:n] if self.hours[h] > 0]
 
     def to_redis_hash(self) -> dict[str, Any]:
-        """The ``bf:profile:{user_id}`` hash (flat strings/numbers; lists as JSON)."""
+        """The ``bf:profile:{user_id}`` hash (flat strings/numbers; lists as JSON).
+
+        Unknown values (no delivery yet, no priced click) are empty strings.
+        """
+        fresh_ts, _ = self.freshness()
+        avg_days = self.avg_delivery_days()
+        late = self.late_share()
         return {
             "user_id": self.user_id,
-            "last_event_ts": self.last_ts,
+            "last_event_ts": fresh_ts,
+            "last_click_ts": self.last_ts,
             "first_event_ts": self.first_ts,
             "recency_ts": self.last_ts,
             "frequency_purchases": self.purchases,
@@ -122,8 +187,20 @@ class UserProfile:
                 [[c, round(s, 4)] for c, s in self.top_categories(self.last_ts)]
             ).decode(),
             "session_depth": self.session_events,
+            "avg_session_depth": round(self.events / self.sessions, 2) if self.sessions else 0,
+            "avg_dwell_s": round(self.dwell_ms_total / self.dwell_samples / 1000, 1)
+            if self.dwell_samples
+            else "",
+            "price_band": self.price_band(),
+            "avg_price_usd": round(self.price_usd_sum / self.price_samples, 2)
+            if self.price_samples
+            else "",
             "personalisation": int(self.personalisation),
             "segment": self.segment,
+            "deliveries": self.deliveries,
+            "avg_delivery_days": round(avg_days, 2) if avg_days is not None else "",
+            "late_delivery_share": round(late, 4) if late is not None else "",
+            "open_shipments": len(self.open_shipments),
         }
 
 
@@ -165,6 +242,11 @@ def apply_click(profile: UserProfile, event: ClickEvent) -> bool:
             profile.session_start = ts
             profile.session_events = 0
             profile.session_items = []
+            profile.session_purchases = []
+        elif profile.events > 1:
+            # The time to this click is the dwell on the previous page of the session.
+            profile.dwell_ms_total += ts - previous_ts
+            profile.dwell_samples += 1
     if event.session_id == profile.session_id:
         profile.session_events += 1
 
@@ -184,6 +266,17 @@ def apply_click(profile: UserProfile, event: ClickEvent) -> bool:
             profile.recent_purchases.append(event.item_id)
             if len(profile.recent_purchases) > RECENT_PURCHASES:
                 del profile.recent_purchases[0]
+            if event.session_id == profile.session_id:
+                profile.session_purchases.append(event.item_id)
+                if len(profile.session_purchases) > RECENT_PURCHASES:
+                    del profile.session_purchases[0]
+    if event.price and event.currency and kind in PRICE_SIGNAL:
+        usd = to_usd(event.price, event.currency)
+        if usd is not None:
+            band = price_band_of(usd)
+            profile.price_bands[band] = profile.price_bands.get(band, 0.0) + PRICE_SIGNAL[kind]
+            profile.price_usd_sum += usd
+            profile.price_samples += 1
 
     if is_newest and event.item_id and kind != "remove_from_cart":
         items = profile.session_items
@@ -195,6 +288,75 @@ def apply_click(profile: UserProfile, event: ClickEvent) -> bool:
         weight = {"view": 1.0, "add_to_cart": 3.0, "purchase": 5.0}.get(kind, 0.5)
         _bump_affinity(profile, event.category, weight, ts)
     return True
+
+
+def price_band_of(price_usd: float) -> str:
+    """The :data:`PRICE_BANDS` name of a price in USD.
+
+    >>> price_band_of(9.99), price_band_of(25.0), price_band_of(1500.0)
+    ('budget', 'mid', 'luxury')
+    """
+    name = PRICE_BANDS[0][0]
+    for band, lower in PRICE_BANDS:
+        if price_usd >= lower:
+            name = band
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A completed delivery, as ``apply_shipment_scan`` reports it (feeds the lane model)."""
+
+    order_id: str
+    origin_country: str
+    dest_country: str
+    days: float
+    late: bool
+
+
+def apply_shipment_scan(profile: UserProfile, scan: LogisticsEvent) -> tuple[bool, Delivery | None]:
+    """Fold one shipment scan into ``profile``'s delivery experience.
+
+    Returns (applied, delivery): applied is False for a scan already applied (redelivery);
+    delivery is the :class:`Delivery` when this scan completes a tracked shipment. Delivery
+    days run from the order's first scan to its ``delivered`` scan; it is late when delivered
+    after ``promised_ts``.
+    """
+    if scan.event_id in profile.recent_scan_ids:
+        return False, None
+    profile.recent_scan_ids.append(scan.event_id)
+    if len(profile.recent_scan_ids) > RECENT_SCAN_IDS:
+        del profile.recent_scan_ids[0]
+    if scan.ts >= profile.last_scan_ts:
+        profile.last_scan_ts = scan.ts
+        profile.last_scan_id = scan.event_id
+    tracked = profile.open_shipments.get(scan.order_id)
+    if scan.status in ("delivered", "returned"):
+        if tracked is None:
+            return True, None  # its earlier scans were never seen: no duration to learn
+        del profile.open_shipments[scan.order_id]
+        if scan.status == "returned":
+            profile.returned_shipments += 1
+            return True, None
+        first_ts, promised_ts = tracked
+        promised_ts = promised_ts or (scan.promised_ts or 0)
+        days = max(0.0, (scan.ts - first_ts) / DAY_MS)
+        late = bool(promised_ts) and scan.ts > promised_ts
+        profile.deliveries += 1
+        profile.delivery_days_total += days
+        profile.late_deliveries += int(late)
+        return True, Delivery(scan.order_id, scan.origin_country, scan.dest_country, days, late)
+    if tracked is None:
+        profile.open_shipments[scan.order_id] = [scan.ts, scan.promised_ts or 0]
+        if len(profile.open_shipments) > OPEN_SHIPMENTS:
+            oldest = min(profile.open_shipments, key=lambda o: profile.open_shipments[o][0])
+            del profile.open_shipments[oldest]
+    else:
+        # Scans may arrive out of order: the shipment started at its earliest scan.
+        tracked[0] = min(tracked[0], scan.ts)
+        if scan.promised_ts and not tracked[1]:
+            tracked[1] = scan.promised_ts
+    return True, None
 
 
 def _bump_affinity(profile: UserProfile, category: str, weight: float, ts: int) -> None:

@@ -58,6 +58,16 @@ class Settings(BaseSettings):
     #: Every Redis key starts with this (contract: ``bf:``); tests use their own.
     redis_prefix: str = "bf:"
     recs_top_n: int = Field(default=20, ge=1, le=500)
+    #: Diversity: at most this many items of one category in a user's recs (0: no cap).
+    recs_max_per_category: int = Field(default=6, ge=0, le=500)
+    #: Logistics-aware ranking: expected extra delivery days (vs the fastest candidate, from
+    #: the item's origin to the user's country) that halve an item's score (0: off).
+    recs_delivery_half_days: float = Field(default=10.0, ge=0)
+    #: Length of each ``bf:fbt:{item_id}`` list (frequently bought together).
+    fbt_top_n: int = Field(default=20, ge=1, le=500)
+    #: How often (wall clock) the worker saves its recommender, item catalog, delivery lanes
+    #: and "bought together" statistics to Redis (restored at start-up).
+    serving_checkpoint_interval_s: float = Field(default=60.0, gt=0)
 
     # --- ClickHouse ----------------------------------------------------------------------
     clickhouse_host: str = "127.0.0.1"

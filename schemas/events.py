@@ -110,6 +110,8 @@ class ClickEvent(InboundEvent):
     price: Annotated[float, Field(ge=0, lt=1e9, allow_inf_nan=False)] | None = None
     currency: Currency | None = None
     country: Country | None = None
+    #: Where the item ships from (its seller's country): drives logistics-aware ranking.
+    origin_country: Country | None = None
     device: ShortText | None = None
     query: Annotated[str, StringConstraints(max_length=1024)] | None = None
     lang: Annotated[str, StringConstraints(max_length=16)] | None = None

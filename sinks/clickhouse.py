@@ -42,6 +42,10 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "events_per_minute": ("minute", "topic", "event_type", "country", "events", "amount_usd"),
     "segment_mix_per_hour": ("hour", "country", "segment", "purchases", "revenue_usd"),
+    "rec_predictions": (
+        "event_id", "ts", "ts_ms", "user_id", "country", "click_type", "hit_rank", "recs_size",
+        "personalised", "recs_age_ms", "ingested_at",
+    ),
 }  # fmt: skip
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -22,8 +22,8 @@ from schemas.config import Settings
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 # KEYS: profile hash, recs zset, recs meta hash
-# ARGV: event_ts_ms, event_id, updated_at_ms, n_profile_pairs, <profile field, value>...,
-#       then <score, item> pairs for the recs (may be none).
+# ARGV: event_ts_ms, event_id, updated_at_ms, n_profile_pairs, n_meta_pairs,
+#       <profile field, value>..., <meta field, value>..., then <score, item> pairs (may be none).
 _WRITE_USER_STATE = """
 local stored = redis.call('HGET', KEYS[3], 'last_event_ts')
 local event_ts = tonumber(ARGV[1])
@@ -31,17 +31,33 @@ if stored and tonumber(stored) > event_ts then
   return 0
 end
 local n_profile = tonumber(ARGV[4])
-local profile_end = 4 + 2 * n_profile
+local n_meta = tonumber(ARGV[5])
+local profile_end = 5 + 2 * n_profile
+local meta_end = profile_end + 2 * n_meta
 if n_profile > 0 then
   redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], unpack(ARGV, 5, profile_end))
+  redis.call('HSET', KEYS[1], unpack(ARGV, 6, profile_end))
 end
 redis.call('DEL', KEYS[2])
-if #ARGV > profile_end then
-  redis.call('ZADD', KEYS[2], unpack(ARGV, profile_end + 1, #ARGV))
+if #ARGV > meta_end then
+  redis.call('ZADD', KEYS[2], unpack(ARGV, meta_end + 1, #ARGV))
 end
+redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[3], 'last_event_id', ARGV[2], 'last_event_ts', ARGV[1],
            'updated_at', ARGV[3])
+if n_meta > 0 then
+  redis.call('HSET', KEYS[3], unpack(ARGV, profile_end + 1, meta_end))
+end
+return 1
+"""
+
+# KEYS: one sorted set; ARGV: <score, member> pairs. Replaces the set atomically, so a reader
+# never sees it half-written (used for ``fbt:{item_id}``).
+_REPLACE_SORTED_SET = """
+redis.call('DEL', KEYS[1])
+if #ARGV > 0 then
+  redis.call('ZADD', KEYS[1], unpack(ARGV))
+end
 return 1
 """
 
@@ -55,6 +71,8 @@ class UserState:
     event_ts: int
     profile: Mapping[str, str | int | float]
     recs: list[tuple[str, float]]  # (item_id, score), best first
+    #: Extra fields of ``recs:{user_id}:meta`` (e.g. ``personalised``, ``strategy``).
+    meta: Mapping[str, str | int | float] = field(default_factory=dict)
 
 
 class RedisStore:
@@ -67,6 +85,7 @@ class RedisStore:
             settings.redis_url, password=password, decode_responses=False
         )
         self._write_user_state = self.client.register_script(_WRITE_USER_STATE)
+        self._replace_sorted_set = self.client.register_script(_REPLACE_SORTED_SET)
 
     # -- key names (the contract) -----------------------------------------------------------
     def recs_key(self, user_id: str) -> str:
@@ -77,6 +96,9 @@ class RedisStore:
 
     def profile_key(self, user_id: str) -> str:
         return f"{self.prefix}profile:{user_id}"
+
+    def fbt_key(self, item_id: str) -> str:
+        return f"{self.prefix}fbt:{item_id}"
 
     def stats_key(self, worker: str | None = None) -> str:
         """Events processed per topic: all workers, or one (``host:pid``)."""
@@ -95,10 +117,17 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=False)
         n_states = 0
         for state in states:
-            args: list[Any] = [state.event_ts, state.event_id, updated_at_ms, len(state.profile)]
-            for field_name, value in state.profile.items():
-                args.append(field_name)
-                args.append(value)
+            args: list[Any] = [
+                state.event_ts,
+                state.event_id,
+                updated_at_ms,
+                len(state.profile),
+                len(state.meta),
+            ]
+            for mapping in (state.profile, state.meta):
+                for field_name, value in mapping.items():
+                    args.append(field_name)
+                    args.append(value)
             for item_id, score in state.recs:
                 args.append(score)
                 args.append(item_id)
@@ -112,6 +141,22 @@ class RedisStore:
         self._count_processed(pipe, processed)
         results = await pipe.execute()
         return [int(r) for r in results[:n_states]]
+
+    async def write_item_lists(
+        self, lists: Mapping[str, list[tuple[str, float]]], *, kind: str = "fbt"
+    ) -> None:
+        """Replace ``{prefix}{kind}:{item_id}`` sorted sets (item -> score), one round trip."""
+        if not lists:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for item_id, ranked in lists.items():
+            args: list[Any] = []
+            for partner, score in ranked:
+                args.append(score)
+                args.append(partner)
+            key = f"{self.prefix}{kind}:{item_id}"
+            await self._replace_sorted_set(keys=[key], args=args, client=pipe)
+        await pipe.execute()
 
     async def count_processed(self, processed: Mapping[str, int]) -> None:
         if not any(processed.values()):
@@ -166,6 +211,19 @@ class RedisStore:
         blob: Any = await self.client.hget(self.checkpoint_key(app_id, partition), "blob")
         return bytes(blob) if blob is not None else None
 
+    def serving_checkpoint_key(self, app_id: str) -> str:
+        return f"{self.prefix}serving:checkpoint:{app_id}"
+
+    async def save_serving_checkpoint(
+        self, app_id: str, blob: bytes, meta: Mapping[str, str | int | float]
+    ) -> None:
+        mapping: Any = {"blob": blob, **meta}
+        await self.client.hset(self.serving_checkpoint_key(app_id), mapping=mapping)
+
+    async def load_serving_checkpoint(self, app_id: str) -> bytes | None:
+        blob: Any = await self.client.hget(self.serving_checkpoint_key(app_id), "blob")
+        return bytes(blob) if blob is not None else None
+
     def latency_key(self, stage: str) -> str:
         return f"{self.prefix}stats:latency_ms:{stage}"
 
@@ -195,6 +253,10 @@ class RedisStore:
     async def read_meta(self, user_id: str) -> dict[str, str]:
         raw = await self.client.hgetall(self.recs_meta_key(user_id))
         return {_text(k): _text(v) for k, v in raw.items()}
+
+    async def read_fbt(self, item_id: str, n: int = 20) -> list[tuple[str, float]]:
+        rows: Any = await self.client.zrevrange(self.fbt_key(item_id), 0, n - 1, withscores=True)
+        return [(_text(item), float(score)) for item, score in rows]
 
     async def read_profile(self, user_id: str) -> dict[str, str]:
         raw = await self.client.hgetall(self.profile_key(user_id))

@@ -58,6 +58,10 @@ def create_worker_app(settings: Settings) -> tuple[faust.App, Runtime]:
     async def checkpoint_fraud_engines() -> None:
         await runtime.checkpoint_fraud_engines()
 
+    @topology.app.timer(settings.serving_checkpoint_interval_s)
+    async def checkpoint_serving_models() -> None:
+        await runtime.checkpoint_serving_models()
+
     async def forget_revoked_fraud_engines(app: faust.App, revoked: set[Any], **_: Any) -> None:
         payments_topic = settings.topic("payments")
         await runtime.forget_fraud_engines(

@@ -22,13 +22,15 @@ import orjson
 from faust.types import TP
 
 from models.fraud import AlertPolicy, FraudEngine
-from models.recommender import SessionRecommender
+from models.profile import UserProfile
+from models.rerank import RerankPolicy
 from models.segments import RfmSegmenter
+from models.serving import ServingModels
 from schemas.config import Settings
 from schemas.decode import Rejected, decode_message
 from schemas.events import DeadLetter, InboundEvent
 from sinks.clickhouse import ClickHouseWriter
-from sinks.redis_store import RedisStore
+from sinks.redis_store import RedisStore, UserState
 from streams.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,14 @@ class Runtime:
         self.topology = topology
         self._redis = redis
         self._clickhouse = clickhouse
-        self.recommender = SessionRecommender()
+        #: Recommender, item catalog, delivery lanes, bought-together: restored from the last
+        #: checkpoint before the first batch that needs them (``serving_models``).
+        self.serving = ServingModels()
+        self._serving_load: asyncio.Future[ServingModels] | None = None
+        self.rerank_policy = RerankPolicy(
+            delivery_half_days=settings.recs_delivery_half_days,
+            max_per_category=settings.recs_max_per_category,
+        )
         #: One RFM segmenter per clicks partition (in memory: relearned after a restart).
         self.segmenters: dict[int, RfmSegmenter] = {}
         self.fraud_engines: dict[int, FraudEngine] = {}
@@ -78,6 +87,8 @@ class Runtime:
         return self._clickhouse
 
     async def close(self) -> None:
+        if self._serving_load is not None and self._serving_load.done():
+            await self.checkpoint_serving_models()
         if self.fraud_engines:
             await self.checkpoint_fraud_engines(list(self.fraud_engines))
         if self._clickhouse is not None:
@@ -164,6 +175,71 @@ class Runtime:
         writer = self.clickhouse
         while not writer.has_capacity():
             await asyncio.to_thread(writer.wait_for_capacity, 1.0)
+
+    # -- serving models (recommender, catalog, lanes, bought-together) -------------------------
+    async def serving_models(self) -> ServingModels:
+        """The worker's serving models, restored from the last checkpoint on first use."""
+        if self._serving_load is None:
+            self._serving_load = asyncio.ensure_future(self._load_serving_models())
+        return await asyncio.shield(self._serving_load)
+
+    async def _load_serving_models(self) -> ServingModels:
+        blob = await self.redis.load_serving_checkpoint(self.settings.app_id)
+        if blob is not None:
+            try:
+                restored = await asyncio.to_thread(ServingModels.from_checkpoint, blob)
+            except Exception as exc:  # noqa: BLE001 - a bad image must not stop the worker
+                log.warning("serving checkpoint unreadable, starting fresh: %s", exc)
+            else:
+                log.info("serving models restored: %s", restored.stats())
+                self.serving = restored
+        return self.serving
+
+    async def checkpoint_serving_models(self) -> int:
+        """Save the serving models (any worker of the app may start from them); bytes saved.
+
+        They are soft state: after a crash a worker restarts from the last image and misses
+        at most one interval of clicks in its *statistics*; profiles (a Faust table) and
+        every sink lose nothing.
+        """
+        if self._serving_load is None or not self._serving_load.done():
+            return 0  # nothing learned yet, and an unloaded checkpoint must not be overwritten
+        blob = await asyncio.to_thread(ServingModels.compress_checkpoint, self.serving.pickle())
+        await self.redis.save_serving_checkpoint(
+            self.settings.app_id,
+            blob,
+            {**self.serving.stats(), "saved_at_ms": wall_ms(), "bytes": len(blob)},
+        )
+        return len(blob)
+
+    def serve(self, profiles: dict[str, UserProfile]) -> list[UserState]:
+        """Choose each user's recs, remember them in the profile (to score the next click),
+        store the profiles in the table, and return the states to write to Redis (users
+        with at least one click)."""
+        table = self.topology.user_profiles
+        top_n = self.settings.recs_top_n
+        states = []
+        for user_id, profile in profiles.items():
+            if not profile.events:
+                # Only shipment scans so far: nothing to recommend from, nothing to serve.
+                table[user_id.encode()] = profile.to_bytes()
+                continue
+            chosen = self.serving.recommend_for(profile, n=top_n, policy=self.rerank_policy)
+            event_ts, event_id = profile.freshness()
+            profile.served_recs = [item_id for item_id, _ in chosen.items]
+            profile.served_at_ts = event_ts
+            table[user_id.encode()] = profile.to_bytes()
+            states.append(
+                UserState(
+                    user_id,
+                    event_id,
+                    event_ts,
+                    profile.to_redis_hash(),
+                    chosen.items,
+                    {"personalised": int(chosen.personalised), "basis": chosen.basis},
+                )
+            )
+        return states
 
     def segmenter(self, partition: int) -> RfmSegmenter:
         segmenter = self.segmenters.get(partition)

@@ -1,61 +1,86 @@
 """Agent ``update_profiles_and_recs``.
 
 Input: topic ``clicks`` (key user_id), read in micro-batches (``stream.take_events``).
-State: table ``user_profiles`` (UserProfile bytes per user, changelog-backed), the
-worker's :class:`models.recommender.SessionRecommender` (item co-occurrence and country
-popularity, learned from the partitions this worker owns) and one
-:class:`models.segments.RfmSegmenter` per partition (learns at purchases).
+State: table ``user_profiles`` (UserProfile bytes per user, changelog-backed), the worker's
+:class:`models.serving.ServingModels` (session recommender, item catalog, delivery lanes,
+bought-together pairs; learned from the partitions this worker owns, checkpointed to Redis)
+and one :class:`models.segments.RfmSegmenter` per partition (learns at purchases).
 Outputs: Redis ``bf:profile:{u}``, ``bf:recs:{u}`` and ``bf:recs:{u}:meta`` (one atomic Lua
-call per user, one pipeline per batch, never replacing a newer state); ClickHouse
-``events_per_minute`` and ``segment_mix_per_hour``; invalid clicks to ``deadletter``.
+call per user, one pipeline per batch, never replacing a newer state) and ``bf:fbt:{item}``
+for items bought together in the batch; ClickHouse ``rec_predictions`` (was each click in
+the recs served just before it?), ``events_per_minute`` and ``segment_mix_per_hour``;
+invalid clicks to ``deadletter``.
 Guarantee: at-least-once; profile updates skip already-applied event ids, Redis writes are
-guarded by event time, so redelivery is harmless. One table write per user per batch.
+guarded by event time, ``rec_predictions`` is keyed by event id, so redelivery is harmless.
+One table write per user per batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import faust
 
 from models.fx import to_usd
 from models.profile import UserProfile, apply_click
 from schemas.events import CLICKS, ClickEvent
-from sinks.redis_store import UserState
 from streams.runtime import RollupCounter, Runtime, SegmentMix, micro_batches, wall_ms
 
 DAY_MS = 86_400_000
+#: Clicks that say "the user wanted this item" (scored against the recs served before them).
+INTEREST_CLICKS = frozenset({"view", "add_to_cart", "purchase"})
+
+
+def served_rank(profile: UserProfile, click: ClickEvent) -> int | None:
+    """1-based rank of the clicked item in the recs served before the click, 0 when absent,
+    None when the click cannot be scored (no item interest, or nothing served yet)."""
+    if click.type not in INTEREST_CLICKS or not click.item_id or not profile.served_recs:
+        return None
+    try:
+        return profile.served_recs.index(click.item_id) + 1
+    except ValueError:
+        return 0
 
 
 async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> int:
     """Handle one micro-batch; returns the number of valid clicks."""
     clicks = await runtime.decode(events, ClickEvent)
+    serving = await runtime.serving_models()
     table = runtime.topology.user_profiles
-    recommender = runtime.recommender
     profiles: dict[str, UserProfile] = {}
     rollup = RollupCounter(CLICKS)
     segment_mix = SegmentMix()
+    predictions: list[tuple[Any, ...]] = []
+    ingested_at = wall_ms() // 1000
     for event, click in clicks:
         profile = profiles.get(click.user_id)
         if profile is None:
             stored = table.get(click.user_id.encode())
             profile = UserProfile.from_bytes(stored) if stored else UserProfile.new(click.user_id)
             profiles[click.user_id] = profile
-        session_before = (
-            list(profile.session_items) if click.session_id == profile.session_id else []
-        )
+        same_session = click.session_id == profile.session_id
+        session_before = list(profile.session_items) if same_session else []
+        basket_before = list(profile.session_purchases) if same_session else []
         previous_purchase_ts = profile.last_purchase_ts or profile.first_ts or click.ts
+        rank = served_rank(profile, click)
+        served_at_ts = profile.served_at_ts
+        served_personalised = profile.personalisation
         if not apply_click(profile, click):
             continue  # already applied before a restart
-        if click.item_id and click.type != "remove_from_cart":
-            recommender.observe(
-                session_before,
-                click.item_id,
-                country=click.country or profile.country or None,
-                category=click.category,
-                ts_ms=click.ts,
-                kind=click.type,
-            )
+        if rank is not None:
+            predictions.append((
+                click.event_id, click.ts // 1000, click.ts, click.user_id,
+                click.country or profile.country, click.type, rank,
+                len(profile.served_recs), int(served_personalised),
+                max(0, click.ts - served_at_ts), ingested_at,
+            ))  # fmt: skip
+        serving.learn_click(
+            click,
+            session_before=session_before,
+            basket_before=basket_before,
+            country=click.country or profile.country or None,
+        )
         amount = 0.0
         if click.type == "purchase" and click.price and click.currency:
             amount = to_usd(click.price, click.currency) or 0.0
@@ -70,25 +95,13 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
             )
             segment_mix.add(click.ts, profile.country, profile.segment, amount)
 
-    top_n = runtime.settings.recs_top_n
-    states = []
-    for user_id, profile in profiles.items():
-        table[user_id.encode()] = profile.to_bytes()
-        recs = recommender.recommend(
-            profile.session_items,
-            country=profile.country or None,
-            n=top_n,
-            top_categories=profile.top_categories(profile.last_ts),
-            exclude=profile.recent_purchases,
-            personalised=profile.personalisation,
-        )
-        states.append(
-            UserState(
-                user_id, profile.last_event_id, profile.last_ts, profile.to_redis_hash(), recs
-            )
-        )
+    states = runtime.serve(profiles)
     await runtime.redis.write_user_states(
         states, updated_at_ms=wall_ms(), processed={CLICKS: len(clicks)}
+    )
+    fbt_top_n = runtime.settings.fbt_top_n
+    await runtime.redis.write_item_lists(
+        {item_id: serving.fbt.top(item_id, fbt_top_n) for item_id in serving.fbt.drain_changed()}
     )
     if runtime.settings.record_latency:
         # Producer timestamp (CreateTime, seconds) -> now: produce to visible in Redis.
@@ -98,7 +111,12 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
         )
     # Clicks were counted in the same pipeline as the user states.
     await runtime.finish_batch(
-        events, {"events_per_minute": rollup.rows(), "segment_mix_per_hour": segment_mix.rows()}
+        events,
+        {
+            "rec_predictions": predictions,
+            "events_per_minute": rollup.rows(),
+            "segment_mix_per_hour": segment_mix.rows(),
+        },
     )
     return len(clicks)
 

@@ -73,7 +73,9 @@ class FakeRedisStore:
         self.processed: Counter[str] = Counter()
         self.latencies: list[tuple[str, list[float]]] = []
         self.checkpoints: dict[tuple[str, int], bytes] = {}
+        self.serving_checkpoints: dict[str, bytes] = {}
         self.alerts: list[bytes] = []
+        self.item_lists: dict[str, list[tuple[str, float]]] = {}
 
     async def write_user_states(
         self, states: Iterable[UserState], *, updated_at_ms: int, processed: Mapping[str, int]
@@ -96,6 +98,20 @@ class FakeRedisStore:
         self, app_id: str, partition: int, blob: bytes, meta: Mapping[str, Any]
     ) -> None:
         self.checkpoints[(app_id, partition)] = blob
+
+    async def load_serving_checkpoint(self, app_id: str) -> bytes | None:
+        return self.serving_checkpoints.get(app_id)
+
+    async def save_serving_checkpoint(
+        self, app_id: str, blob: bytes, meta: Mapping[str, Any]
+    ) -> None:
+        self.serving_checkpoints[app_id] = blob
+
+    async def write_item_lists(
+        self, lists: Mapping[str, list[tuple[str, float]]], *, kind: str = "fbt"
+    ) -> None:
+        assert kind == "fbt"
+        self.item_lists.update(lists)
 
     async def publish_alerts(self, alerts: Iterable[bytes]) -> None:
         self.alerts.extend(alerts)
@@ -359,11 +375,176 @@ async def test_opted_out_user_gets_only_popular_items(harness: Harness) -> None:
     await process_clicks(harness.runtime, [harness.event("clicks", opted_out)])
     [state] = harness.redis.state_writes[-1]
     assert state.profile["personalisation"] == 0
-    expected = harness.runtime.recommender.recommend(
+    expected = harness.runtime.serving.recommender.recommend(
         [], country="DE", n=harness.settings.recs_top_n, personalised=False
     )
-    assert state.recs == expected
+    assert [item for item, _ in state.recs] == [item for item, _ in expected]
     assert state.recs[0][0] == "bestseller"
+    assert state.meta == {"personalised": 0, "basis": "popular-country"}
+    # A personalised user who clicked the same item gets the session's neighbour first.
+    await process_clicks(
+        harness.runtime, [harness.event("clicks", click("you", T0 + 3, item_id="a"))]
+    )
+    [state] = harness.redis.state_writes[-1]
+    assert state.recs[0][0] == "niche"
+    assert state.meta == {"personalised": 1, "basis": "session"}
+
+
+async def test_each_click_is_scored_against_the_recs_served_before_it(harness: Harness) -> None:
+    events = []
+    for i in range(4):  # others: phone -> case
+        events.append(harness.event("clicks", click(f"o{i}", T0, item_id="phone")))
+        events.append(harness.event("clicks", click(f"o{i}", T0 + 1, item_id="case")))
+    await process_clicks(harness.runtime, events)
+    harness.writer.rows.clear()
+    first = click("me", T0 + MINUTE, item_id="phone")
+    await process_clicks(harness.runtime, [harness.event("clicks", first)])
+    assert harness.writer.table("rec_predictions") == []  # no recs had been served to "me"
+    served = [item for item, _ in harness.redis.state_writes[-1][0].recs]
+    assert served[0] == "case"
+
+    hit = click("me", T0 + 2 * MINUTE, item_id="case")
+    miss = click("me", T0 + 3 * MINUTE, item_id="never-recommended")
+    search = click("me", T0 + 4 * MINUTE, type="search", item_id=None, query="x")
+    # One batch: both clicks are scored against what the storefront showed before the batch.
+    await process_clicks(harness.runtime, [harness.event("clicks", v) for v in (hit, miss, search)])
+    rows = harness.writer.table("rec_predictions")
+    assert [(r["event_id"], r["hit_rank"]) for r in rows] == [
+        (hit["event_id"], 1),
+        (miss["event_id"], 0),
+    ]
+    assert rows[0]["recs_size"] == len(served)
+    assert rows[0]["recs_age_ms"] == MINUTE  # served for the click at T0 + 1 min
+    assert rows[1]["recs_age_ms"] == 2 * MINUTE
+    assert (rows[0]["click_type"], rows[0]["country"], rows[0]["personalised"]) == ("view", "DE", 1)
+
+    # A redelivered click is not scored again.
+    harness.writer.rows.clear()
+    await process_clicks(harness.runtime, [harness.event("clicks", hit)])
+    assert harness.writer.table("rec_predictions") == []
+
+
+async def test_items_bought_in_one_session_become_bought_together_lists(harness: Harness) -> None:
+    def buy(user: str, item: str, ts: int, session: str) -> dict[str, Any]:
+        return click(user, ts, type="purchase", item_id=item, session_id=session)
+
+    events = [
+        buy("u1", "phone", T0, "s1"),
+        buy("u1", "case", T0 + 1, "s1"),
+        buy("u2", "phone", T0, "s2"),
+        buy("u2", "charger", T0 + 1, "s2"),
+        buy("u2", "case", T0 + 2, "s2"),
+        buy("u3", "phone", T0, "s3"),  # bought alone: no pair
+        buy("u1", "cable", T0 + 3 * 3_600_000, "s4"),  # a later session of u1: not with phone
+    ]
+    await process_clicks(harness.runtime, [harness.event("clicks", v) for v in events])
+    lists = harness.redis.item_lists
+    assert set(lists) == {"phone", "case", "charger"}
+    assert [item for item, _ in lists["phone"]] == ["case", "charger"]
+    assert lists["phone"][0][1] == pytest.approx(1.0)  # both phone baskets hold a case
+    assert lists["phone"][1][1] == pytest.approx(0.5)
+    assert {item for item, _ in lists["case"]} == {"phone", "charger"}
+    harness.redis.item_lists.clear()
+    await process_clicks(harness.runtime, [harness.event("clicks", click("u9", T0, item_id="x"))])
+    assert harness.redis.item_lists == {}  # nothing bought: nothing rewritten
+
+
+def scan(user: str, order: str, status: str, ts: int, **overrides: Any) -> dict[str, Any]:
+    value = {
+        "event_id": f"sc{next(_ids)}",
+        "ts": ts,
+        "user_id": user,
+        "order_id": order,
+        "carrier": "dhl",
+        "origin_country": "CN",
+        "dest_country": "DE",
+        "status": status,
+    }
+    value.update(overrides)
+    return value
+
+
+async def test_deliveries_update_the_profile_and_steer_recs_to_fast_lanes(
+    harness: Harness,
+) -> None:
+    day = 86_400_000
+    # Two popular items: one ships from China (5 clicks), one from Germany (4 clicks).
+    events = [
+        harness.event("clicks", click(f"o{i}", T0, item_id="from-cn", origin_country="CN"))
+        for i in range(5)
+    ]
+    events += [
+        harness.event("clicks", click(f"p{i}", T0, item_id="from-de", origin_country="DE"))
+        for i in range(4)
+    ]
+    events.append(harness.event("clicks", click("me", T0 + 2, item_id="other")))
+    await process_clicks(harness.runtime, events)
+    [state] = [s for s in harness.redis.state_writes[-1] if s.user_id == "me"]
+    ranked = [item for item, _ in state.recs]
+    assert ranked.index("from-cn") < ranked.index("from-de")  # the more popular
+
+    # Deliveries into DE: 3 from CN take 14 days (one late), 3 from DE take 2 days.
+    scans = []
+    for k in range(3):
+        for origin, days in (("CN", 14), ("DE", 2)):
+            order = f"{origin}-{k}"
+            promised = T0 + 10 * day
+            scans.append(
+                scan("me", order, "created", T0, origin_country=origin, promised_ts=promised)
+            )
+            scans.append(scan("me", order, "delivered", T0 + days * day, origin_country=origin))
+    events = [harness.event("logistics", v) for v in scans]
+    assert await process_scans(harness.runtime, events) == len(scans)
+
+    [state] = harness.redis.state_writes[-1]
+    assert state.user_id == "me"
+    assert state.profile["deliveries"] == 6
+    assert state.profile["avg_delivery_days"] == pytest.approx(8.0)
+    assert state.profile["late_delivery_share"] == pytest.approx(0.5)
+    assert state.profile["open_shipments"] == 0
+    assert state.event_ts == T0 + 14 * day  # the newest event is now a scan
+    ranked = [item for item, _ in state.recs]
+    assert ranked.index("from-de") < ranked.index("from-cn")  # 12 days faster wins
+    assert harness.runtime.serving.lanes.expected_days("CN", "DE") == pytest.approx(14.0)
+
+    # Redelivered scans change nothing; a user with scans but no clicks gets no recs.
+    await process_scans(harness.runtime, [harness.event("logistics", scans[1])])
+    assert harness.redis.state_writes[-1] == []
+    me = UserProfile.from_bytes(harness.runtime.topology.user_profiles[b"me"])
+    assert me.deliveries == 6
+    await process_scans(
+        harness.runtime, [harness.event("logistics", scan("ghost", "g1", "created", T0))]
+    )
+    assert harness.redis.state_writes[-1] == []
+    ghost = UserProfile.from_bytes(harness.runtime.topology.user_profiles[b"ghost"])
+    assert list(ghost.open_shipments) == ["g1"]
+
+
+async def test_serving_models_are_restored_from_their_checkpoint(harness: Harness) -> None:
+    events = []
+    for i in range(3):
+        events.append(harness.event("clicks", click(f"o{i}", T0, item_id="phone")))
+        events.append(harness.event("clicks", click(f"o{i}", T0 + 1, item_id="case")))
+    await process_clicks(harness.runtime, events)
+    assert await harness.runtime.checkpoint_serving_models() > 0
+
+    restarted = Runtime(
+        harness.settings,
+        harness.runtime.topology,
+        redis=cast(RedisStore, harness.redis),
+        clickhouse=cast(ClickHouseWriter, harness.writer),
+    )
+    models = await restarted.serving_models()
+    assert models is not harness.runtime.serving
+    assert models.recommender.recommend(["phone"], country="DE", n=1)[0][0] == "case"
+    # A worker that has not loaded its models yet never overwrites the checkpoint.
+    fresh = Runtime(
+        harness.settings,
+        harness.runtime.topology,
+        redis=cast(RedisStore, harness.redis),
+        clickhouse=cast(ClickHouseWriter, harness.writer),
+    )
+    assert await fresh.checkpoint_serving_models() == 0
 
 
 async def test_invalid_clicks_are_dead_lettered_with_reason_position_and_bytes(

@@ -259,6 +259,15 @@ def test_redis_hash_has_the_documented_flat_fields() -> None:
         "session_depth",
         "personalisation",
         "segment",
+        "last_click_ts",
+        "avg_session_depth",
+        "avg_dwell_s",
+        "price_band",
+        "avg_price_usd",
+        "deliveries",
+        "avg_delivery_days",
+        "late_delivery_share",
+        "open_shipments",
     }
     for key, value in data.items():
         assert type(value) in (str, int, float), key

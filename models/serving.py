@@ -1,0 +1,157 @@
+"""The worker-wide models behind the storefront keys, and how a user's recs are chosen.
+
+:class:`ServingModels` bundles what the clicks and logistics agents learn and the storefront
+reads through Redis: the session recommender, the item catalog (category, origin country,
+price), the delivery lanes and "frequently bought together". They are learned online from
+the partitions a worker owns, in event time, and checkpointed together (pickle + zlib).
+
+:meth:`ServingModels.recommend_for` is the whole recommendation policy for one user:
+
+* personalised users get the recommender's hybrid (session re-visits and neighbours,
+  long-term category affinity, then country and global popularity), without items they just
+  bought;
+* users (or markets) with ``personalisation`` off get non-personal recommendations only:
+  popular items of their country, else global, with no session, taste or purchase history;
+* both are then re-ranked (``models.rerank``): items that reach the user's country faster are
+  preferred, and no category takes more than ``max_per_category`` places.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from models.catalog import ItemCatalog
+from models.delivery import DeliveryLanes
+from models.fbt import FrequentlyBoughtTogether
+from models.fx import to_usd
+from models.profile import Delivery, UserProfile
+from models.recommender import SessionRecommender
+from models.rerank import RerankPolicy, rerank
+from schemas.events import ClickEvent
+
+#: Candidates asked from the recommender per final slot, so re-ranking has room to choose.
+CANDIDATES_PER_SLOT = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendation:
+    items: list[tuple[str, float]]  # (item_id, score), best first
+    personalised: bool
+    #: What the list is built from: "session", "profile" (taste and popularity, no session
+    #: yet), "popular-country" or "popular-global" (non-personal or cold start).
+    basis: str
+
+
+@dataclass
+class ServingModels:
+    recommender: SessionRecommender = field(default_factory=SessionRecommender)
+    catalog: ItemCatalog = field(default_factory=ItemCatalog)
+    lanes: DeliveryLanes = field(default_factory=DeliveryLanes)
+    fbt: FrequentlyBoughtTogether = field(default_factory=FrequentlyBoughtTogether)
+
+    # -- learning ---------------------------------------------------------------------------
+    def learn_click(
+        self,
+        click: ClickEvent,
+        *,
+        session_before: Sequence[str],
+        basket_before: Sequence[str],
+        country: str | None,
+    ) -> None:
+        """Learn one (newly applied) click; ``*_before`` are the user's session items and
+        session purchases as they were before it."""
+        item_id = click.item_id
+        if not item_id or click.type == "remove_from_cart":
+            return
+        price_usd = to_usd(click.price, click.currency) if click.price and click.currency else None
+        self.catalog.observe(
+            item_id,
+            category=click.category,
+            origin_country=click.origin_country,
+            price_usd=price_usd,
+        )
+        self.recommender.observe(
+            session_before,
+            item_id,
+            country=country,
+            category=click.category,
+            ts_ms=click.ts,
+            kind=click.type,
+        )
+        if click.type == "purchase":
+            self.fbt.observe_purchase(basket_before, item_id, ts_ms=click.ts)
+
+    def learn_delivery(self, delivery: Delivery, ts_ms: int) -> None:
+        self.lanes.observe(
+            delivery.origin_country, delivery.dest_country, delivery.days, ts_ms=ts_ms
+        )
+
+    # -- answering --------------------------------------------------------------------------
+    def recommend_for(
+        self, profile: UserProfile, *, n: int, policy: RerankPolicy
+    ) -> Recommendation:
+        country = profile.country or None
+        wanted = n * CANDIDATES_PER_SLOT
+        if profile.personalisation:
+            candidates = self.recommender.recommend(
+                profile.session_items,
+                country=country,
+                n=wanted,
+                top_categories=profile.top_categories(profile.last_ts),
+                exclude=profile.recent_purchases,
+            )
+            basis = "session" if profile.session_items else "profile"
+        else:
+            candidates = self.recommender.recommend(
+                (), country=country, n=wanted, personalised=False
+            )
+            basis = (
+                "popular-country"
+                if country and country in self.recommender.popularity
+                else "popular-global"
+            )
+        items = rerank(
+            candidates,
+            n,
+            policy=policy,
+            category_of=self._category,
+            expected_days=lambda item_id: self.lanes.expected_days(
+                self.catalog.origin(item_id), country
+            ),
+        )
+        return Recommendation(items, profile.personalisation, basis)
+
+    def _category(self, item_id: str) -> str | None:
+        return self.catalog.category(item_id) or self.recommender.item_category.get(item_id)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    CHECKPOINT_FORMAT = 1
+
+    def pickle(self) -> bytes:
+        """A consistent image: call it on the event loop, where nothing else mutates them."""
+        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def compress_checkpoint(cls, pickled: bytes) -> bytes:
+        return cls.CHECKPOINT_FORMAT.to_bytes(2, "big") + zlib.compress(pickled, 1)
+
+    @classmethod
+    def from_checkpoint(cls, blob: bytes) -> ServingModels:
+        version = int.from_bytes(blob[:2], "big")
+        if version != cls.CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint format {version} is not {cls.CHECKPOINT_FORMAT}")
+        # Checkpoints are written by borderflow workers into the project's own Redis.
+        models = pickle.loads(zlib.decompress(blob[2:]))  # noqa: S301
+        if not isinstance(models, cls):
+            raise ValueError("checkpoint does not hold ServingModels")
+        return models
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "items": len(self.catalog),
+            "lanes": len(self.lanes.table()),
+            "fbt_items": len(self.fbt.pairs),
+        }
