@@ -145,7 +145,8 @@ class RedisStore:
     async def write_item_lists(
         self, lists: Mapping[str, list[tuple[str, float]]], *, kind: str = "fbt"
     ) -> None:
-        """Replace ``{prefix}{kind}:{item_id}`` sorted sets (item -> score), one round trip."""
+        """Replace ``{prefix}{kind}:{key}`` sorted sets (item -> score), one round trip
+        (``fbt:{item_id}``, ``popular:{country}``)."""
         if not lists:
             return
         pipe = self.client.pipeline(transaction=False)
@@ -254,8 +255,9 @@ class RedisStore:
         raw = await self.client.hgetall(self.recs_meta_key(user_id))
         return {_text(k): _text(v) for k, v in raw.items()}
 
-    async def read_fbt(self, item_id: str, n: int = 20) -> list[tuple[str, float]]:
-        rows: Any = await self.client.zrevrange(self.fbt_key(item_id), 0, n - 1, withscores=True)
+    async def read_item_list(self, kind: str, key: str, n: int = 20) -> list[tuple[str, float]]:
+        name = f"{self.prefix}{kind}:{key}"
+        rows: Any = await self.client.zrevrange(name, 0, n - 1, withscores=True)
         return [(_text(item), float(score)) for item, score in rows]
 
     async def read_profile(self, user_id: str) -> dict[str, str]:

@@ -6,8 +6,9 @@ State: table ``user_profiles`` (UserProfile bytes per user, changelog-backed), t
 bought-together pairs; learned from the partitions this worker owns, checkpointed to Redis)
 and one :class:`models.segments.RfmSegmenter` per partition (learns at purchases).
 Outputs: Redis ``bf:profile:{u}``, ``bf:recs:{u}`` and ``bf:recs:{u}:meta`` (one atomic Lua
-call per user, one pipeline per batch, never replacing a newer state) and ``bf:fbt:{item}``
-for items bought together in the batch; ClickHouse ``rec_predictions`` (was each click in
+call per user, one pipeline per batch, never replacing a newer state), ``bf:fbt:{item}``
+for items bought together in the batch and ``bf:popular:{country|global}`` for the batch's
+countries; ClickHouse ``rec_predictions`` (was each click in
 the recs served just before it?), ``events_per_minute`` and ``segment_mix_per_hour``;
 invalid clicks to ``deadletter``.
 Guarantee: at-least-once; profile updates skip already-applied event ids, Redis writes are
@@ -28,6 +29,8 @@ from schemas.events import CLICKS, ClickEvent
 from streams.runtime import RollupCounter, Runtime, SegmentMix, micro_batches, wall_ms
 
 DAY_MS = 86_400_000
+#: ``bf:popular:global``: the key suffix of the all-countries trending list.
+GLOBAL_POPULAR_KEY = "global"
 #: Clicks that say "the user wanted this item" (scored against the recs served before them).
 INTEREST_CLICKS = frozenset({"view", "add_to_cart", "purchase"})
 
@@ -95,6 +98,7 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
             )
             segment_mix.add(click.ts, profile.country, profile.segment, amount)
 
+    top_n = runtime.settings.recs_top_n
     states = runtime.serve(profiles)
     await runtime.redis.write_user_states(
         states, updated_at_ms=wall_ms(), processed={CLICKS: len(clicks)}
@@ -103,6 +107,18 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
     await runtime.redis.write_item_lists(
         {item_id: serving.fbt.top(item_id, fbt_top_n) for item_id in serving.fbt.drain_changed()}
     )
+    # Trending lists of the batch's countries, for users the storefront knows nothing about.
+    if clicks:
+        countries = {click.country or profiles[click.user_id].country for _, click in clicks}
+        recommender = serving.recommender
+        await runtime.redis.write_item_lists(
+            {
+                (country or GLOBAL_POPULAR_KEY): recommender.top_popular(country or None, top_n)
+                for country in countries | {""}
+                if not country or country in recommender.popularity
+            },
+            kind="popular",
+        )
     if runtime.settings.record_latency:
         # Producer timestamp (CreateTime, seconds) -> now: produce to visible in Redis.
         visible_ms = wall_ms()

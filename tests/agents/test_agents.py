@@ -76,6 +76,7 @@ class FakeRedisStore:
         self.serving_checkpoints: dict[str, bytes] = {}
         self.alerts: list[bytes] = []
         self.item_lists: dict[str, list[tuple[str, float]]] = {}
+        self.popular_lists: dict[str, list[tuple[str, float]]] = {}
 
     async def write_user_states(
         self, states: Iterable[UserState], *, updated_at_ms: int, processed: Mapping[str, int]
@@ -110,8 +111,11 @@ class FakeRedisStore:
     async def write_item_lists(
         self, lists: Mapping[str, list[tuple[str, float]]], *, kind: str = "fbt"
     ) -> None:
-        assert kind == "fbt"
-        self.item_lists.update(lists)
+        if kind == "fbt":
+            self.item_lists.update(lists)
+        else:
+            assert kind == "popular"
+            self.popular_lists.update(lists)
 
     async def publish_alerts(self, alerts: Iterable[bytes]) -> None:
         self.alerts.extend(alerts)
@@ -381,6 +385,9 @@ async def test_opted_out_user_gets_only_popular_items(harness: Harness) -> None:
     assert [item for item, _ in state.recs] == [item for item, _ in expected]
     assert state.recs[0][0] == "bestseller"
     assert state.meta == {"personalised": 0, "basis": "popular-country"}
+    # Trending lists for users the storefront knows nothing about: the country and global.
+    assert set(harness.redis.popular_lists) == {"DE", "global"}
+    assert harness.redis.popular_lists["DE"][0][0] == "bestseller"
     # A personalised user who clicked the same item gets the session's neighbour first.
     await process_clicks(
         harness.runtime, [harness.event("clicks", click("you", T0 + 3, item_id="a"))]

@@ -23,6 +23,7 @@ from infra.processes import WorkerProcess, isolated, start_worker, wait_processe
 from schemas.config import Settings
 from sinks.kafka import EventProducer, TopicReader, ensure_topics
 from sinks.redis_store import RedisStore
+from sinks.storefront_client import StorefrontClient
 
 pytestmark = pytest.mark.integration
 
@@ -183,6 +184,98 @@ def test_recs_change_after_the_users_click(pipeline: Settings) -> None:
     after = redis_read(pipeline, "read_recs", user, 20)
     assert after != before
     assert after[0][0] == "x-tripod"
+    meta = redis_read(pipeline, "read_meta", user)
+    assert (meta["last_event_ts"], meta["basis"]) == (str(T0 + 3 * 60_000), "session")
+
+
+def test_storefront_client_reads_recs_profile_bought_together_and_fallbacks(
+    pipeline: Settings,
+) -> None:
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    teacher = f"u-{uuid.uuid4().hex[:8]}"
+    tag = uuid.uuid4().hex[:6]
+    phone, case, charger = f"{tag}-phone", f"{tag}-case", f"{tag}-charger"
+    send(
+        pipeline,
+        "clicks",
+        click(teacher, f"{teacher}-1", 0, item_id=phone, origin_country="CN"),
+        click(teacher, f"{teacher}-2", 1, item_id=case, origin_country="DE"),
+        click(user, f"{user}-1", 2, item_id=phone, origin_country="CN"),
+    )
+    wait_until(
+        lambda: redis_read(pipeline, "read_meta", user).get("last_event_id") == f"{user}-1",
+        what="first recs",
+    )
+    with StorefrontClient.from_settings(pipeline) as shop:
+        recs = shop.recommendations(user, 5)
+        assert recs.item_ids[0] == case  # what followed the phone in the teacher's session
+        assert (recs.basis, recs.personalised) == ("session", True)
+        assert (recs.event_id, recs.event_ts) == (f"{user}-1", T0 + 2 * 60_000)
+
+        # The user clicks the case (a hit at rank 1), buys phone and charger in the session,
+        # and a shipment is delivered 3 days after it was created.
+        price = {"price": 40.0, "currency": "EUR"}
+        send(
+            pipeline,
+            "clicks",
+            click(user, f"{user}-2", 3, item_id=case),
+            click(user, f"{user}-3", 4, item_id=phone, type="purchase", **price),
+            click(user, f"{user}-4", 5, item_id=charger, type="purchase", **price),
+        )
+        scans = [
+            {
+                "event_id": f"{user}-scan-{status}",
+                "ts": T0 + day * 86_400_000,
+                "user_id": user,
+                "order_id": f"{user}-o1",
+                "carrier": "dhl",
+                "origin_country": "CN",
+                "dest_country": "DE",
+                "status": status,
+                "promised_ts": T0 + 2 * 86_400_000,
+            }
+            for day, status in ((0, "created"), (3, "delivered"))
+        ]
+        send(pipeline, "logistics", *scans)
+        profile = wait_until(
+            lambda: (p := shop.profile(user)) and p["deliveries"] == 1 and p, what="deliveries"
+        )
+        assert profile["avg_delivery_days"] == pytest.approx(3.0)
+        assert profile["late_delivery_share"] == pytest.approx(1.0)
+        assert profile["frequency_purchases"] == 2 and profile["price_band"] == "mid"
+        assert profile["top_categories"][0][0] == "shoes"
+        assert profile["last_event_ts"] == T0 + 3 * 86_400_000  # the delivery is the newest
+        assert shop.recommendations(user).event_id == f"{user}-scan-delivered"
+        assert phone not in shop.recommendations(user).item_ids  # just bought
+        assert [item for item, _ in shop.bought_together(phone)] == [charger]
+        assert shop.bought_together(charger)[0] == (phone, 1.0)
+
+        # Someone the storefront has never seen gets the country's trending items.
+        stranger = shop.recommendations(f"u-{uuid.uuid4().hex[:8]}", 5, country="DE")
+        assert stranger.basis == "popular-country" and not stranger.personalised
+        assert stranger.item_ids and stranger.event_id is None
+        assert shop.recommendations("nobody", 5, country="ZZ").basis == "popular-global"
+        assert shop.profile("nobody") is None
+
+    # Online quality: the case click was the first of the recs served before it.
+    rows = wait_until(
+        lambda: query(
+            pipeline,
+            f"SELECT event_id, hit_rank FROM rec_predictions FINAL WHERE user_id = '{user}' "
+            "ORDER BY ts_ms",
+        ),
+        what="rec_predictions rows",
+    )
+    assert rows[0] == (f"{user}-2", 1)
+    minute = query(
+        pipeline,
+        "SELECT predictions, hits_20, hit_rate_20, mrr_20, precision_5 FROM rec_quality "
+        f"WHERE minute = toDateTime({(T0 + 3 * 60_000) // 1000})",
+    )
+    assert minute and minute[0][0] >= 1 and minute[0][1] >= 1
+    predictions, hits, hit_rate, mrr, precision_5 = minute[0]
+    assert hit_rate == pytest.approx(hits / predictions)
+    assert 0 < mrr <= hit_rate and precision_5 <= hit_rate / 5 + 1e-9
 
 
 def test_payments_are_scored_and_card_testing_raises_an_alert(pipeline: Settings) -> None:
