@@ -1,15 +1,20 @@
 """``borderflow eval recs FILE``: next-click quality of the recommender vs two baselines.
 
-Reads a click file (DIGINETICA ``train-item-views.csv``, or JSONL clicks of borderflow's
-contract such as ``borderflow generate --out`` writes), replays it through borderflow's
+Reads a click file (DIGINETICA ``train-item-views.csv``, JSONL clicks of borderflow's
+contract such as ``borderflow generate --out`` writes, RetailRocket ``events.csv``, YOOCHOOSE
+``yoochoose-clicks.dat``, or any delimited file with a header naming session or user, item and
+time columns; each also gzip-compressed), replays it through borderflow's
 :class:`~models.recommender.SessionRecommender`, item-kNN and popularity *in the same process
 and in the same order*, and prints HR@k, MRR@k and Precision@k for each. The protocol
-(predict the next click from the session so far, then learn it) is described in
-:mod:`models.session_eval`. Nothing is read from or written to the running stack.
+(predict the next click from the session so far, then learn it; or ``--protocol split``:
+learn all sessions before the last ``--test-days`` days, then predict the test sessions) is
+described in :mod:`models.session_eval`. Nothing is read from or written to the running stack.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import json
 from pathlib import Path
 from typing import Any
@@ -18,12 +23,14 @@ import click
 
 from models.session_eval import (
     DEFAULT_KS,
+    FORMATS,
     SessionDataError,
     check_ks,
     default_models,
     detect_format,
     evaluate,
-    load_sessions,
+    load_and_preprocess,
+    split_by_days,
 )
 from schemas.errors import BorderflowError
 
@@ -40,10 +47,26 @@ PROTOCOL = (
     "its top-k for the session so far, the true next click is scored, then the model "
     "learns the click (it never sees the future)"
 )
+SPLIT_PROTOCOL = (
+    "models learn every session that ends before the last {days:g} day(s) (no predictions); "
+    "test sessions (test clicks on items unseen in training removed, as session-rec) are then "
+    "predicted click by click{learning}"
+)
 
 
 def evaluate_file(
-    path: str | Path, *, fmt: str = "auto", ks: tuple[int, ...] = DEFAULT_KS
+    path: str | Path,
+    *,
+    fmt: str = "auto",
+    ks: tuple[int, ...] = DEFAULT_KS,
+    protocol: str = "prequential",
+    test_days: float = 1.0,
+    test_learning: bool = True,
+    events: str = "auto",
+    session_gap_min: float = 30.0,
+    min_item_support: int | str = "auto",
+    min_session_length: int = 2,
+    limit_sessions: int = 0,
 ) -> dict[str, Any]:
     """Evaluate borderflow, item-kNN and popularity on ``path``; a JSON-ready dict.
 
@@ -54,24 +77,56 @@ def evaluate_file(
     try:
         if fmt == "auto":
             fmt = detect_format(path)
-        sessions = load_sessions(path, fmt)
+        sessions, prep = load_and_preprocess(
+            path,
+            fmt,
+            events=events,
+            session_gap_min=session_gap_min,
+            min_item_support=min_item_support,
+            min_length=min_session_length,
+            limit_sessions=limit_sessions,
+        )
     except SessionDataError as exc:
         raise BorderflowError(str(exc)) from None
     except UnicodeDecodeError as exc:
         raise BorderflowError(f"{path}: not a text file ({exc.reason})") from None
+    except (EOFError, gzip.BadGzipFile) as exc:
+        raise BorderflowError(f"{path}: broken gzip file ({exc})") from None
     except OSError as exc:
         raise BorderflowError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not sessions:
         raise BorderflowError(f"{path}: no session with two or more clicks, nothing to evaluate")
-    results = evaluate(sessions, default_models(), ks=ks)
+    if protocol == "split":
+        train, test = split_by_days(sessions, test_days)
+        if not train or not test:
+            raise BorderflowError(
+                f"{path}: --test-days {test_days:g} leaves {len(train)} training and "
+                f"{len(test)} test sessions; both are needed"
+            )
+        description = SPLIT_PROTOCOL.format(
+            days=test_days,
+            learning=", then learned (models keep learning live)"
+            if test_learning
+            else " by frozen models (each still sees its session's prefix)",
+        )
+        results = evaluate(test, default_models(), ks=ks, train=train, learn=test_learning)
+        evaluated = test
+    else:
+        train, evaluated, description = [], sessions, PROTOCOL
+        results = evaluate(sessions, default_models(), ks=ks)
     return {
         "file": str(path),
         "format": fmt,
-        "sessions": len(sessions),
-        "clicks": sum(len(s.items) for s in sessions),
-        "items": len({item for s in sessions for item in s.items}),
+        "sessions": len(evaluated),
+        "clicks": sum(len(s.items) for s in evaluated),
+        "items": len({item for s in evaluated for item in s.items}),
+        "train_sessions": len(train),
+        "train_clicks": sum(len(s.items) for s in train),
         "ks": list(ks),
-        "protocol": PROTOCOL,
+        "protocol": protocol,
+        "protocol_description": description,
+        "preprocessing": prep.describe(),
+        "preprocessing_options": dataclasses.asdict(prep),
         "models": {name: metrics.as_dict() for name, metrics in results.items()},
         "literature_full_diginetica": {
             name: {"hr@20": hr, "mrr@20": mrr} for name, (hr, mrr) in LITERATURE_DIGINETICA.items()
@@ -88,8 +143,15 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"session-based recommendations - {result['file']} ({result['format']}): "
         f"{result['sessions']:,} sessions, {result['clicks']:,} clicks, "
-        f"{result['items']:,} items, {n:,} predictions",
-        f"protocol: {PROTOCOL}",
+        f"{result['items']:,} items, {n:,} predictions"
+        + (
+            f" (after {result['train_sessions']:,} training sessions, "
+            f"{result['train_clicks']:,} clicks)"
+            if result.get("train_sessions")
+            else ""
+        ),
+        f"protocol ({result['protocol']}): {result['protocol_description']}",
+        f"preprocessing: {result['preprocessing']}",
         "",
         f"{'':12}" + "".join(f"{f'{m}@{k}':>8}" for k in ks for m in ("HR", "MRR", "P")),
     ]
@@ -143,16 +205,93 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
         ) from None
 
 
+def _parse_support(ctx: click.Context, param: click.Parameter, value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        support = int(value)
+    except ValueError:
+        support = 0
+    if support < 1:
+        raise click.BadParameter(f"{value!r}: expected 'auto' or a positive integer")
+    return support
+
+
 @click.command("recs")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["auto", "diginetica", "clicks"]),
+    type=click.Choice(["auto", *FORMATS]),
     default="auto",
     show_default=True,
     help="diginetica: train-item-views.csv (session_id;user_id;item_id;timeframe;eventdate). "
-    "clicks: JSONL clicks or `borderflow generate --out` envelopes. auto: from the first line.",
+    "clicks: JSONL clicks or `borderflow generate --out` envelopes. retailrocket: events.csv "
+    "(timestamp,visitorid,event,itemid,transactionid). yoochoose: yoochoose-clicks.dat "
+    "(session,timestamp,item,category; no header). delimited: a header (tab, ; or ,) naming "
+    "session (SessionId) or user (UserId, visitorid), item (ItemId) and time (Time, timestamp; "
+    "epoch s/ms or ISO) columns. auto: from the first line. Gzipped files are read as well.",
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(["prequential", "split"]),
+    default="prequential",
+    show_default=True,
+    help="prequential: predict each click, then learn it, over the whole file. split: learn "
+    "the sessions before the last --test-days days, then predict the test sessions "
+    "(session-rec's single split).",
+)
+@click.option(
+    "--test-days",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Days at the end of the data that are the test set (--protocol split).",
+)
+@click.option(
+    "--test-learning/--frozen-test",
+    default=True,
+    show_default=True,
+    help="split: models keep learning the test clicks after predicting them (live), or are "
+    "frozen after training (the literature's setting).",
+)
+@click.option(
+    "--events",
+    type=click.Choice(["auto", "view", "all"]),
+    default="auto",
+    show_default=True,
+    help="Which event types are clicks: view (RetailRocket views, as session-rec; other events "
+    "still bound sessions) or all. auto: view for RetailRocket, all otherwise.",
+)
+@click.option(
+    "--session-gap",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Minutes of inactivity that end a session of a file without session ids.",
+)
+@click.option(
+    "--min-item-support",
+    default="auto",
+    show_default=True,
+    callback=_parse_support,
+    help="Remove clicks on items with fewer clicks (session-rec: 5). auto: 5 for files of "
+    "100,000 clicks or more, 1 (keep all) for smaller samples.",
+)
+@click.option(
+    "--min-session-length",
+    type=click.IntRange(min=2),
+    default=2,
+    show_default=True,
+    help="Drop sessions with fewer clicks after filtering.",
+)
+@click.option(
+    "--limit",
+    "limit_sessions",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Evaluate only the most recent N sessions after preprocessing (0: all).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option(
@@ -163,10 +302,35 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
     callback=_parse_ks,
     help="Cut-offs, comma-separated.",
 )
-def eval_recs_command(file: Path, fmt: str, as_json: bool, ks: tuple[int, ...]) -> None:
+def eval_recs_command(
+    file: Path,
+    fmt: str,
+    protocol: str,
+    test_days: float,
+    test_learning: bool,
+    events: str,
+    session_gap: float,
+    min_item_support: int | str,
+    min_session_length: int,
+    limit_sessions: int,
+    as_json: bool,
+    ks: tuple[int, ...],
+) -> None:
     """Next-click HR, MRR and Precision@k of borderflow's recommender vs item-kNN and
     popularity, replayed from a click file (no running stack needed)."""
-    result = evaluate_file(file, fmt=fmt, ks=ks)
+    result = evaluate_file(
+        file,
+        fmt=fmt,
+        ks=ks,
+        protocol=protocol,
+        test_days=test_days,
+        test_learning=test_learning,
+        events=events,
+        session_gap_min=session_gap,
+        min_item_support=min_item_support,
+        min_session_length=min_session_length,
+        limit_sessions=limit_sessions,
+    )
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

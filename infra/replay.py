@@ -129,7 +129,7 @@ def parse_jsonl_line(line: bytes, default_topic: str | None, where: str) -> Reco
 
 
 def _convert_cell(name: str, text: str) -> Any:
-    if name in INT_FIELDS and text.isdigit():
+    if name in INT_FIELDS and text.isascii() and text.isdigit():
         return int(text)
     if name in FLOAT_FIELDS:
         try:

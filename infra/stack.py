@@ -138,7 +138,7 @@ def _read_pid(pid_file: Path) -> int | None:
         text = pid_file.read_text().strip()
     except FileNotFoundError:
         return None
-    return int(text) if text.isdigit() else None
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def _port_in_use(port: int) -> bool:

@@ -1,8 +1,12 @@
-"""Session-based recommendations: session re-visits, item-to-item transitions, popularity.
+"""Session-based recommendations: re-visits, transitions, session neighbours, popularity.
 
 The recommender learns online from clicks (``observe``) and answers for one user at a time
-(``recommend``). A candidate's score estimates how likely it is to be the session's next
-click, from three sources:
+(``recommend``). A candidate's score estimates the probability that it is the session's next
+click: a re-visit gets its learned re-visit rate; the remaining probability is shared by a
+mixture of the transitions and the session neighbourhood (each normalised to a distribution),
+whose shares are learned online by EM (:meth:`SessionRecommender.mixture`: each new next click
+credits the sources in proportion to the probability they gave it, an "other" share absorbing
+what none foresaw). The sources:
 
 * **re-visits** — an item already in the session, by how far back it was clicked. Shoppers
   go back and forth between products: in the DIGINETICA sample 23% of next clicks are an
@@ -14,6 +18,12 @@ click, from three sources:
   source item are divided by how often that item was followed by another click, plus
   ``shrinkage`` fresh clicks (a link seen once is a guess, one seen in 50 of 60 sessions is
   not); the ``d``-th most recent distinct item of the session counts ``1/d**2``;
+* **session neighbours** (V-SKNN, Ludewig et al. 2021, with STAN's event-time decay of
+  neighbour sessions) — past sessions sharing items with the current one, among each item's
+  ``sessions_per_item`` most recent sessions; similarity is the sum of ``1/d`` over shared
+  items (``d``: recency rank in the current session); the ``neighbour_sessions`` most similar
+  vote for their other items. Sessions are recognised by a caller ``session_id`` or else by
+  their last items, so the pipeline needs no change;
 * **popularity** — decayed counts per country, then global: the cold-start and
   non-personalised answer, and the filler after the session's candidates (its scores stay
   below theirs). Mixing popularity *into* session scores was measured to hurt.
@@ -23,8 +33,9 @@ just bought) are removed. ``borderflow eval recs`` measures this against popular
 item-kNN baselines (``models.session_eval``).
 
 Decay uses :class:`models.decay.GrowingWeight` in *event time*, so results are replayable.
-Memory is bounded: each item keeps its ``neighbours_per_item`` strongest neighbours and each
-country its ``items_per_country`` most popular items.
+Memory is bounded: each item keeps its ``neighbours_per_item`` strongest neighbours and at
+most ``2 * sessions_per_item`` session ids, each country its ``items_per_country`` most popular
+items; at most ``max_sessions`` sessions of ``session_length`` distinct items are remembered.
 
 >>> r = SessionRecommender()
 >>> for session in (["a", "b"], ["a", "b"], ["a", "c"]):
@@ -39,6 +50,7 @@ country its ``items_per_country`` most popular items.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Iterable, Iterator, Sequence
 
 from models.decay import GrowingWeight
@@ -48,6 +60,12 @@ GLOBAL = "*"
 KIND_WEIGHT = {"view": 1.0, "add_to_cart": 2.0, "purchase": 3.0, "search": 0.0}
 #: Popular items kept ranked per country between calls (more are ranked on demand).
 TOP_POPULAR = 50
+#: How many of a session's last (distinct consecutive) items recognise it without a session id.
+PREFIX_KEY = 8
+#: Candidates per session, sessions, and sampling rate of the online mixture calibration.
+CALIBRATION_CANDIDATES = 50
+CALIBRATION_SESSIONS = 2000
+CALIBRATE_EVERY = 8
 
 
 class SessionRecommender:
@@ -62,11 +80,20 @@ class SessionRecommender:
         affinity_boost: float = 0.5,
         shrinkage: float = 3.0,
         revisit_depth: int = 10,
+        neighbour_sessions: int = 100,
+        sessions_per_item: int = 500,
+        max_sessions: int = 200_000,
+        session_length: int = 50,
     ) -> None:
         """``popularity_weight`` (0 <= w < 1): the best popular filler scores ``w`` times the
         weakest session candidate (0: no filler after session candidates). ``shrinkage``:
         pseudo-clicks added to each source item's count of followers. ``revisit_depth``:
-        how many distinct earlier items of a session can be recommended again."""
+        how many distinct earlier items of a session can be recommended again.
+
+        Session neighbourhood (V-SKNN): ``neighbour_sessions`` (k) most similar past sessions,
+        chosen among the ``sessions_per_item`` most recent sessions of each item of the current
+        session; at most ``max_sessions`` past sessions of at most ``session_length`` distinct
+        items are kept."""
         if not 0.0 <= popularity_weight < 1.0:
             raise ValueError("popularity_weight must be in [0, 1)")
         self.window = window
@@ -76,6 +103,10 @@ class SessionRecommender:
         self.affinity_boost = affinity_boost
         self.shrinkage = shrinkage
         self.revisit_depth = revisit_depth
+        self.neighbour_sessions = neighbour_sessions
+        self.sessions_per_item = sessions_per_item
+        self.max_sessions = max_sessions
+        self.session_length = session_length
         self._weight = GrowingWeight(half_life_ms)
         #: The largest weight handed out so far: what one fresh click weighs now.
         self._now = 1.0
@@ -91,6 +122,21 @@ class SessionRecommender:
         #: country -> its most popular items, best first, kept up to date by ``observe``.
         self._top_cache: dict[str, list[str]] = {}
         self._top_capacity: dict[str, int] = {}
+        #: Past and open sessions: id -> distinct items in click order, and last click time.
+        self.sessions: dict[int, list[str]] = {}
+        self.session_ts: dict[int, int] = {}
+        #: item -> ids of the sessions that contain it, oldest first (bounded).
+        self.item_sessions: dict[str, list[int]] = {}
+        #: Open sessions by caller key (``session_id``) or by their last items (no key).
+        self._open: dict[object, int] = {}
+        self._next_session = 0
+        #: Latest event time seen (ms): neighbour sessions decay relative to it.
+        self._latest_ms: int | None = None
+        #: Decayed EM credit of (transitions, neighbourhood, other) for new next items.
+        self.mix_counts = [0.0, 0.0, 0.0]
+        #: session key -> candidate -> (transition, neighbourhood) probability, until its click.
+        self._pending: dict[object, dict[str, tuple[float, float]]] = {}
+        self._calibration_clock = 0
 
     # -- learning -------------------------------------------------------------------------------
     def observe(
@@ -102,8 +148,15 @@ class SessionRecommender:
         category: str | None,
         ts_ms: int,
         kind: str,
+        session_id: str | None = None,
     ) -> None:
-        """Learn from one click on ``item_id`` after ``session_items`` (oldest first)."""
+        """Learn from one click on ``item_id`` after ``session_items`` (oldest first).
+
+        ``session_id`` identifies the session in the neighbourhood memory; it should be unique
+        per user session (e.g. ``f"{user_id}:{session_id}"``). Without it the session is
+        recognised by its last items (``session_items``), which works as long as callers pass
+        the same items they later recommend for.
+        """
         if self._weight.needs_rebase(ts_ms):
             self._rescale(self._weight.rebase(ts_ms))
         weight = self._weight.weight(ts_ms)
@@ -112,7 +165,11 @@ class SessionRecommender:
         if category:
             self.item_category[item_id] = category
         interest = KIND_WEIGHT.get(kind, 1.0)
+        if self._latest_ms is None or ts_ms > self._latest_ms:
+            self._latest_ms = ts_ms
         if interest:
+            self._calibrate(session_items, item_id, session_id, weight)
+            self._remember(session_items, item_id, ts_ms, session_id)
             for key in (country or GLOBAL, GLOBAL) if country else (GLOBAL,):
                 counts = self.popularity.setdefault(key, {})
                 counts[item_id] = counts.get(item_id, 0.0) + weight * interest
@@ -137,6 +194,48 @@ class SessionRecommender:
             self._bump(previous, item_id, step)
             # The reverse direction says less about "what comes next".
             self._bump(item_id, previous, 0.5 * step)
+
+    def _remember(
+        self, session_items: Sequence[str], item_id: str, ts_ms: int, session_id: str | None
+    ) -> None:
+        """Add the click to its session's record (for the session neighbourhood)."""
+        if session_id is not None:
+            key: object = session_id
+            new_key: object = session_id
+        else:
+            key = _prefix_key(session_items) if session_items else None
+            new_key = _prefix_key([*session_items[-2 * PREFIX_KEY :], item_id])
+        sid = self._open.pop(key, None) if key is not None else None
+        items = self.sessions.get(sid) if sid is not None else None
+        if items is None or sid is None:
+            sid = self._next_session
+            self._next_session += 1
+            items = self.sessions[sid] = []
+            if session_id is None:
+                # A record of what is known of the session: its items so far.
+                for previous in dict.fromkeys(session_items[-self.session_length :]):
+                    self._index(sid, items, previous)
+            if len(self.sessions) > self.max_sessions:
+                oldest = next(iter(self.sessions))
+                del self.sessions[oldest]
+                self.session_ts.pop(oldest, None)
+        self._index(sid, items, item_id)
+        self.session_ts[sid] = ts_ms
+        self._open[new_key] = sid
+        if len(self._open) > self.max_sessions:
+            del self._open[next(iter(self._open))]
+
+    def _index(self, sid: int, items: list[str], item_id: str) -> None:
+        if item_id in items or len(items) >= self.session_length:
+            return
+        items.append(item_id)
+        ids = self.item_sessions.get(item_id)
+        if ids is None:
+            self.item_sessions[item_id] = [sid]
+            return
+        ids.append(sid)
+        if len(ids) > 2 * self.sessions_per_item:
+            del ids[: -self.sessions_per_item]
 
     def _bump(self, source: str, target: str, amount: float) -> None:
         row = self.cooccurrence.get(source)
@@ -179,7 +278,7 @@ class SessionRecommender:
                     row[key] *= factor
         for key in self.followed:
             self.followed[key] *= factor
-        for stats in (self.revisit_hits, self.revisit_chances):
+        for stats in (self.revisit_hits, self.revisit_chances, self.mix_counts):
             for i, value in enumerate(stats):
                 stats[i] = value * factor
         self._now *= factor
@@ -207,6 +306,7 @@ class SessionRecommender:
         top_categories: Iterable[tuple[str, float]] = (),
         exclude: Iterable[str] = (),
         personalised: bool = True,
+        session_id: str | None = None,
     ) -> list[tuple[str, float]]:
         """Top ``n`` (item, score) for a user, best first; scores are comparable within a list.
 
@@ -215,7 +315,7 @@ class SessionRecommender:
         """
         excluded = set(exclude)
         taste = dict(top_categories) if personalised else {}
-        scores = self._session_scores(session_items) if personalised else {}
+        scores = self._session_scores(session_items, session_id) if personalised else {}
         if taste:
             self._boost(scores, taste)
         for item_id in excluded:
@@ -225,7 +325,93 @@ class SessionRecommender:
             best += self._fillers(country, n - len(best), best, excluded, taste)
         return [(item_id, _significant(score)) for item_id, score in best]
 
-    def _session_scores(self, session_items: Sequence[str]) -> dict[str, float]:
+    def _session_scores(
+        self, session_items: Sequence[str], session_id: str | None = None
+    ) -> dict[str, float]:
+        """Estimated probability of each candidate being the next click (see the module doc)."""
+        revisits, parts = self._components(session_items, session_id)
+        scores = dict(revisits)
+        rest = max(0.0, 1.0 - sum(revisits.values()))
+        mix = self.mixture()
+        for part, share in zip(parts, mix, strict=False):
+            if share <= 0.0:
+                continue
+            scale = rest * share
+            for target, p in part.items():
+                scores[target] = scores.get(target, 0.0) + scale * p
+        if session_items:
+            self._remember_candidates(self._session_key(session_items, session_id), parts)
+        return scores
+
+    def mixture(self) -> tuple[float, float, float]:
+        """Learned shares of the next *new* item: (transitions, neighbourhood, other).
+
+        Online EM: each new next click credits the sources in proportion to the probability
+        they gave it (``other``: the share no source foresaw), in decayed event-time weights,
+        starting from one pseudo-click each.
+        """
+        prior = self._now
+        counts = [c + prior for c in self.mix_counts]
+        total = sum(counts)
+        return (counts[0] / total, counts[1] / total, counts[2] / total)
+
+    def _components(
+        self, session_items: Sequence[str], session_id: str | None
+    ) -> tuple[dict[str, float], tuple[dict[str, float], dict[str, float]]]:
+        """Re-visit probabilities, and the transition and neighbourhood distributions of the
+        next item (each normalised to sum 1)."""
+        revisits: dict[str, float] = {}
+        for distance, previous in _distinct_recent(session_items, self.revisit_depth):
+            hits = self.revisit_hits[distance]
+            if hits > 0:
+                revisits[previous] = hits / (self.revisit_chances[distance] + self._now)
+        parts = (
+            _normalised(self._transition_scores(session_items)),
+            _normalised(self._neighbour_scores(session_items, session_id)),
+        )
+        return revisits, parts
+
+    def _session_key(self, session_items: Sequence[str], session_id: str | None) -> object:
+        return session_id if session_id is not None else _prefix_key(session_items)
+
+    def _remember_candidates(
+        self, key: object, parts: tuple[dict[str, float], dict[str, float]]
+    ) -> None:
+        """Keep what each source said about the strongest candidates until the next click."""
+        keep = CALIBRATION_CANDIDATES
+        trans, neigh = parts
+        best = heapq.nlargest(
+            keep, set(trans).union(neigh), key=lambda i: (trans.get(i, 0.0) + neigh.get(i, 0.0), i)
+        )
+        self._pending.pop(key, None)
+        self._pending[key] = {i: (trans.get(i, 0.0), neigh.get(i, 0.0)) for i in best}
+        if len(self._pending) > CALIBRATION_SESSIONS:
+            del self._pending[next(iter(self._pending))]
+
+    def _calibrate(
+        self, session_items: Sequence[str], item_id: str, session_id: str | None, weight: float
+    ) -> None:
+        """One EM step of :meth:`mixture` from the click on ``item_id``."""
+        if not session_items or item_id in session_items[-self.revisit_depth * 4 :]:
+            return  # nothing to predict, or a re-visit (learned by the re-visit rates)
+        key = self._session_key(session_items, session_id)
+        said = self._pending.pop(key, None)
+        if said is None:
+            self._calibration_clock += 1
+            if self._calibration_clock % CALIBRATE_EVERY:
+                return
+            _, (trans, neigh) = self._components(session_items, session_id)
+            p_trans, p_neigh = trans.get(item_id, 0.0), neigh.get(item_id, 0.0)
+        else:
+            p_trans, p_neigh = said.get(item_id, (0.0, 0.0))
+        share = self.mixture()
+        p_other = 1.0 / max(len(self.item_sessions), 1)
+        likelihood = (share[0] * p_trans, share[1] * p_neigh, share[2] * p_other)
+        total = sum(likelihood)
+        for i, value in enumerate(likelihood):
+            self.mix_counts[i] += weight * value / total
+
+    def _transition_scores(self, session_items: Sequence[str]) -> dict[str, float]:
         scores: dict[str, float] = {}
         pseudo = self.shrinkage * self._now
         for rank, source in _distinct_recent(session_items, self.window):
@@ -235,11 +421,57 @@ class SessionRecommender:
             scale = 1.0 / (rank * rank * (self.followed.get(source, 0.0) + pseudo))
             for target, value in row.items():
                 scores[target] = scores.get(target, 0.0) + scale * value
-        for distance, previous in _distinct_recent(session_items, self.revisit_depth):
-            hits = self.revisit_hits[distance]
-            if hits > 0:
-                rate = hits / (self.revisit_chances[distance] + self._now)
-                scores[previous] = scores.get(previous, 0.0) + rate
+        return scores
+
+    def _neighbour_scores(
+        self, session_items: Sequence[str], session_id: str | None
+    ) -> dict[str, float]:
+        """V-SKNN: items of the past sessions most similar to this one.
+
+        A past session's similarity is the sum of ``1/d`` over the items it shares with the
+        current session (``d``: 1 for the last distinct item, 2 for the one before...),
+        decayed by its age in event time (the recommender's half-life, as in STAN); the
+        ``neighbour_sessions`` most similar vote for their items with their similarity.
+        """
+        if session_id is not None:
+            own = self._open.get(session_id)
+        else:
+            own = self._open.get(_prefix_key(session_items)) if session_items else None
+        similarity: dict[int, float] = {}
+        sample = self.sessions_per_item
+        current: set[str] = set()
+        for distance, item_id in _distinct_recent(session_items, self.revisit_depth):
+            current.add(item_id)
+            ids = self.item_sessions.get(item_id)
+            if not ids:
+                continue
+            weight = 1.0 / distance
+            for sid in ids[-sample:] if len(ids) > sample else ids:
+                similarity[sid] = similarity.get(sid, 0.0) + weight
+        similarity.pop(own, None)  # type: ignore[arg-type]
+        if not similarity:
+            return {}
+        if len(similarity) > self.neighbour_sessions:
+            nearest = heapq.nlargest(
+                self.neighbour_sessions, similarity, key=similarity.__getitem__
+            )
+        else:
+            nearest = list(similarity)
+        latest = self._latest_ms or 0
+        half_life = self._weight.half_life_ms
+        sessions = self.sessions
+        stamps = self.session_ts
+        scores: dict[str, float] = {}
+        for sid in nearest:
+            items = sessions.get(sid)
+            if not items:
+                continue  # forgotten (bounded memory)
+            vote = similarity[sid] * math.exp2(min(0.0, stamps[sid] - latest) / half_life)
+            if vote <= 0.0:
+                continue
+            for item_id in items:
+                if item_id not in current:
+                    scores[item_id] = scores.get(item_id, 0.0) + vote
         return scores
 
     def _boost(self, scores: dict[str, float], taste: dict[str, float]) -> None:
@@ -281,6 +513,26 @@ def _distinct_recent(session_items: Sequence[str], limit: int) -> Iterator[tuple
             yield len(seen), item_id
             if len(seen) >= limit:
                 return
+
+
+def _normalised(scores: dict[str, float]) -> dict[str, float]:
+    total = sum(scores.values())
+    if total <= 0.0:
+        return {}
+    return {item_id: value / total for item_id, value in scores.items()}
+
+
+def _prefix_key(items: Sequence[str]) -> tuple[str, ...]:
+    """The last ``PREFIX_KEY`` items of a session, consecutive repeats counted once (callers
+    may or may not collapse them)."""
+    key: list[str] = []
+    for item_id in reversed(items):
+        if key and key[-1] == item_id:
+            continue
+        key.append(item_id)
+        if len(key) >= PREFIX_KEY:
+            break
+    return tuple(key)
 
 
 def _significant(score: float) -> float:

@@ -2,8 +2,9 @@
 
 :class:`ServingModels` bundles what the clicks and logistics agents learn and the storefront
 reads through Redis: the session recommender, the item catalog (category, origin country,
-price), the delivery lanes and "frequently bought together". They are learned online from
-the partitions a worker owns, in event time, and checkpointed together (pickle + zlib).
+price), the delivery lanes, "frequently bought together" and the RFM segmenters. They are
+learned online from the partitions a worker owns, in event time, and checkpointed together
+(pickle + zlib).
 
 :meth:`ServingModels.recommend_for` is the whole recommendation policy for one user:
 
@@ -30,6 +31,7 @@ from models.fx import to_usd
 from models.profile import Delivery, UserProfile
 from models.recommender import SessionRecommender
 from models.rerank import RerankPolicy, rerank
+from models.segments import RfmSegmenter
 from schemas.events import ClickEvent
 
 #: Candidates asked from the recommender per final slot, so re-ranking has room to choose.
@@ -51,6 +53,8 @@ class ServingModels:
     catalog: ItemCatalog = field(default_factory=ItemCatalog)
     lanes: DeliveryLanes = field(default_factory=DeliveryLanes)
     fbt: FrequentlyBoughtTogether = field(default_factory=FrequentlyBoughtTogether)
+    #: One RFM segmenter per clicks partition (each learns at its partition's purchases).
+    segmenters: dict[int, RfmSegmenter] = field(default_factory=dict)
 
     # -- learning ---------------------------------------------------------------------------
     def learn_click(
@@ -83,6 +87,12 @@ class ServingModels:
         )
         if click.type == "purchase":
             self.fbt.observe_purchase(basket_before, item_id, ts_ms=click.ts)
+
+    def segmenter(self, partition: int) -> RfmSegmenter:
+        segmenter = self.segmenters.get(partition)
+        if segmenter is None:
+            segmenter = self.segmenters[partition] = RfmSegmenter()
+        return segmenter
 
     def learn_delivery(self, delivery: Delivery, ts_ms: int) -> None:
         self.lanes.observe(

@@ -33,10 +33,22 @@ Protocol (:func:`evaluate`) - "predict, then learn", the simplest honest streami
 All recommenders of one :func:`evaluate` call see exactly the same clicks in the same order,
 in the same process, so their numbers are directly comparable.
 
-Preprocessing as in the literature: sessions with fewer than two clicks are dropped (nothing
-to predict). Unlike the full-dataset benchmarks, rare items are *not* dropped: on a small
-sample that would remove most of the data; numbers on a sample are only comparable with
-baselines run on the same sample.
+``split`` protocol (:func:`split_by_days`, session-rec's single split): sessions ending before
+the last ``test_days`` are learned first without predictions, test clicks on items unseen in
+training are removed; the test sessions are then predicted as above, the models learning each
+click after predicting it (``learn=True``) or frozen (``learn=False``, the literature's).
+
+Formats (:func:`detect_format`, each also gzip-compressed): DIGINETICA, borderflow JSONL
+clicks, RetailRocket ``events.csv`` (sessions = a visitor's events with < 30 min gaps, cut on
+all events, then only views kept, as session-rec), YOOCHOOSE clicks, and delimited files whose
+header names session or user, item and time columns (:data:`COLUMN_ALIASES`).
+
+Preprocessing as in the literature (:func:`filter_sessions`, session-rec's order): one-click
+sessions dropped, then clicks on items with fewer than ``min_item_support`` clicks, then
+sessions left shorter than two clicks; consecutive repeats are kept. ``min_item_support``
+defaults to 5 (session-rec) only for files of 100,000+ clicks: on a small sample it would
+remove most of the data; numbers on a sample are only comparable with baselines run on the
+same sample.
 
 >>> sessions = [Session("1", ("a", "b"), (0, 1)), Session("2", ("a", "b"), (2, 3))]
 >>> result = evaluate(sessions, {"knn": ItemKNN()}, ks=(1, 2))["knn"]
@@ -47,15 +59,19 @@ baselines run on the same sample.
 from __future__ import annotations
 
 import csv
+import gzip
 import heapq
+import io
 import json
 import math
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import itemgetter
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 from models.recommender import SessionRecommender
 
@@ -115,7 +131,7 @@ def load_diginetica(path: str | Path, *, min_length: int = 2) -> list[Session]:
     path = Path(path)
     clicks: dict[str, list[tuple[int, int, str]]] = {}
     days: dict[str, int] = {}
-    with path.open(newline="", encoding="utf-8-sig") as handle:
+    with open_text(path) as handle:
         reader = csv.reader(handle, delimiter=";")
         header = next(reader, None)
         if header is None:
@@ -175,7 +191,9 @@ def _day_ms(text: str) -> int:
 
 def _natural(session_id: str) -> tuple[int, int | str]:
     """Numeric ids in numeric order, then other ids as strings."""
-    return (0, int(session_id)) if session_id.isdigit() else (1, session_id)
+    return (
+        (0, int(session_id)) if session_id.isascii() and session_id.isdigit() else (1, session_id)
+    )
 
 
 #: Click types that say something about an item (as in ``streams.agents.clicks``).
@@ -199,7 +217,7 @@ def load_clicks(path: str | Path, *, min_length: int = 2) -> list[Session]:
 
     path = Path(path)
     clicks: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
-    with path.open("rb") as handle:
+    with open_text(path) as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -239,31 +257,362 @@ def load_clicks(path: str | Path, *, min_length: int = 2) -> list[Session]:
     return sessions
 
 
-def detect_format(path: str | Path) -> str:
-    """``"diginetica"`` or ``"clicks"`` from the file's first line."""
+def open_text(path: str | Path) -> TextIO:
+    """``path`` as UTF-8 text (a BOM is skipped), transparently gunzipped when compressed."""
     path = Path(path)
-    with path.open("rb") as handle:
-        first = handle.readline(4096).decode("utf-8-sig", errors="replace").strip()
-    if first.startswith("{"):
+    with path.open("rb") as probe:
+        magic = probe.read(2)
+    if magic == b"\x1f\x8b":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return path.open(encoding="utf-8-sig", newline="")
+
+
+#: Column names (lower case, ``_``/``-``/spaces removed) of a generic click file, by role.
+COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
+    "session": ("sessionid", "session", "sid"),
+    "user": ("userid", "user", "visitorid", "visitor", "customerid", "clientid"),
+    "item": ("itemid", "item", "productid", "product", "aid"),
+    "time": ("time", "timestamp", "ts", "eventtime", "datetime", "timeframe", "eventdate", "date"),
+    "type": ("type", "event", "eventtype", "action"),
+}
+#: Event types that are item views (``--events view``); other types still bound sessions.
+VIEW_TYPES = frozenset({"view", "views", "click", "clicks", "pageview", "detail", "0"})
+#: RetailRocket's ``events.csv`` header.
+RETAILROCKET_COLUMNS = ("timestamp", "visitorid", "event", "itemid")
+#: Sessions of users without session ids end after this much inactivity (session-rec's 30 min).
+SESSION_GAP_MS = 30 * 60 * 1000
+FORMATS = ("diginetica", "clicks", "retailrocket", "yoochoose", "delimited")
+_ISO = re.compile(r"^\d{4}-\d\d-\d\d[T ]\d\d:\d\d")
+
+
+def _column_key(name: str) -> str:
+    return re.sub(r"[\s_\-.]", "", name.strip().strip('"').lower())
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """Where a delimited click file keeps what a session needs (0-based column indices)."""
+
+    delimiter: str
+    header: bool
+    item: int
+    time: int
+    session: int | None = None
+    user: int | None = None
+    type: int | None = None
+
+
+def _sniff(first: str) -> tuple[str, list[str]]:
+    """The delimiter (tab, ``;`` or ``,``) that splits ``first`` into the most fields."""
+    best = max(("\t", ";", ","), key=lambda d: len(first.split(d)))
+    return best, next(csv.reader([first], delimiter=best))
+
+
+def _header_spec(delimiter: str, fields: list[str]) -> ColumnSpec | None:
+    keys = [_column_key(f) for f in fields]
+    found: dict[str, int] = {}
+    for role, aliases in COLUMN_ALIASES.items():
+        for alias in aliases:
+            if alias in keys and keys.index(alias) not in found.values():
+                found[role] = keys.index(alias)
+                break
+    if "item" not in found or "time" not in found:
+        return None
+    if "session" not in found and "user" not in found:
+        return None
+    return ColumnSpec(
+        delimiter,
+        True,
+        item=found["item"],
+        time=found["time"],
+        session=found.get("session"),
+        user=found.get("user"),
+        type=found.get("type"),
+    )
+
+
+def _first_line(path: Path) -> str:
+    with path.open("rb") as probe:
+        compressed = probe.read(2) == b"\x1f\x8b"
+    with gzip.open(path, "rb") if compressed else path.open("rb") as handle:
+        first = handle.readline(65536)
+    return first.decode("utf-8-sig", errors="replace").strip("\r\n")
+
+
+def detect_format(path: str | Path) -> str:
+    """The format of a click file from its first line (one of :data:`FORMATS`)."""
+    path = Path(path)
+    try:
+        first = _first_line(path)
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as exc:
+        raise SessionDataError(f"{path}: not a text click file ({exc})") from None
+    if not first.strip():
+        raise SessionDataError(f"{path}:1: empty first line, expected a header or a click")
+    if first.lstrip().startswith("{"):
         return "clicks"
     columns = {column.strip() for column in first.split(";")}
     if columns >= set(DIGINETICA_COLUMNS):
         return "diginetica"
+    delimiter, fields = _sniff(first)
+    keys = [_column_key(f) for f in fields]
+    if delimiter == "," and set(keys) >= set(RETAILROCKET_COLUMNS):
+        return "retailrocket"
+    if delimiter == "," and len(fields) in (4, 5) and _ISO.match(fields[1].strip()):
+        if len(fields) == 5:
+            raise SessionDataError(
+                f"{path}:1: looks like YOOCHOOSE buys (session,timestamp,item,price,quantity); "
+                "evaluate the clicks file (yoochoose-clicks.dat) instead"
+            )
+        return "yoochoose"
+    if _header_spec(delimiter, fields) is not None:
+        return "delimited"
     raise SessionDataError(
-        f"{path}: unknown format (expected a DIGINETICA header "
-        f"{';'.join(DIGINETICA_COLUMNS)} or JSONL clicks)"
+        f"{path}:1: unknown format (expected a DIGINETICA header, JSONL clicks, RetailRocket "
+        "events.csv, YOOCHOOSE clicks, or a delimited header with session or user, item and "
+        f"time columns such as SessionId,ItemId,Time; got {first[:80]!r})"
     )
 
 
-def load_sessions(path: str | Path, fmt: str = "auto") -> list[Session]:
-    """Load ``path`` as ``fmt`` (``diginetica``, ``clicks`` or ``auto``)."""
+def _epoch_ms(text: str) -> int:
+    """Epoch time in ms from seconds, ms or us since 1970 (told apart by size) or ISO 8601."""
+    text = text.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"time {text!r} is neither epoch seconds/ms nor ISO 8601") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return int(moment.timestamp() * 1000)
+    if not math.isfinite(value):
+        raise ValueError(f"time {text!r} is not a number")
+    magnitude = abs(value)
+    if magnitude >= 1e14:  # microseconds
+        return int(value // 1000)
+    if magnitude >= 1e11:  # milliseconds (1e11 s would be the year 5138)
+        return int(value)
+    return int(value * 1000)  # seconds
+
+
+def load_delimited(
+    path: str | Path,
+    spec: ColumnSpec | None = None,
+    *,
+    events: str = "all",
+    session_gap_ms: int = SESSION_GAP_MS,
+    min_length: int = 2,
+) -> list[Session]:
+    """Sessions from a delimited click file: RetailRocket, YOOCHOOSE or a generic header.
+
+    Clicks of a session column are grouped by it; without one, each user's clicks (in time
+    order) are cut into sessions wherever ``session_gap_ms`` passes without a click, as
+    session-rec does for RetailRocket. ``events="view"`` keeps only views (type column values
+    in :data:`VIEW_TYPES`) *after* sessionizing on all events; ``"all"`` keeps every row.
+    Clicks in a session are in time order (ties keep file order); sessions are sorted by
+    their first click and those with fewer than ``min_length`` clicks dropped.
+    """
+    path = Path(path)
+    if spec is None:
+        delimiter, fields = _sniff(_first_line(path))
+        spec = _header_spec(delimiter, fields)
+        if spec is None:
+            raise SessionDataError(f"{path}:1: no session/user, item and time columns in header")
+    only_views = events == "view" and spec.type is not None
+    by_session = spec.session is not None
+    group_at = spec.session if spec.session is not None else spec.user
+    assert group_at is not None
+    width = max(i for i in (spec.item, spec.time, group_at, spec.type) if i is not None) + 1
+    interned: dict[str, str] = {}
+    groups: dict[str, list[tuple[int, str, bool]]] = {}
+    sep = repr(spec.delimiter)
+    item_at, time_at, type_at = spec.item, spec.time, spec.type
+    with open_text(path) as handle:
+        reader = csv.reader(handle, delimiter=spec.delimiter)
+        line_no = 0
+        if spec.header:
+            next(reader, None)
+            line_no = 1
+        for row in reader:
+            line_no += 1
+            if len(row) < width:
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                raise SessionDataError(
+                    f"{path}:{line_no}: expected at least {width} {sep}-separated fields, "
+                    f"got {len(row)}"
+                )
+            item = row[item_at].strip()
+            key = row[group_at].strip()
+            if not item or not key:
+                raise SessionDataError(f"{path}:{line_no}: empty item or session/user id")
+            try:
+                ts = _epoch_ms(row[time_at])
+            except ValueError as exc:
+                raise SessionDataError(f"{path}:{line_no}: {exc}") from None
+            item = interned.setdefault(item, item)
+            keep = not only_views or row[type_at].strip().lower() in VIEW_TYPES  # type: ignore[index]
+            seq = groups.get(key)
+            if seq is None:
+                groups[key] = [(ts, item, keep)]
+            else:
+                seq.append((ts, item, keep))
+    sessions: list[Session] = []
+    first_of = itemgetter(0)
+    for key, seq in groups.items():
+        seq.sort(key=first_of)
+        if by_session:
+            parts = [seq]
+        else:
+            parts = []
+            start = 0
+            for i in range(1, len(seq)):
+                if seq[i][0] - seq[i - 1][0] > session_gap_ms:
+                    parts.append(seq[start:i])
+                    start = i
+            parts.append(seq[start:])
+        for n, part in enumerate(parts):
+            clicks = [(ts, item) for ts, item, keep in part if keep]
+            if len(clicks) < min_length:
+                continue
+            session_id = key if by_session else f"{key}:{n}"
+            sessions.append(
+                Session(
+                    session_id,
+                    tuple(item for _, item in clicks),
+                    tuple(ts for ts, _ in clicks),
+                )
+            )
+    sessions.sort(key=lambda s: (s.timestamps[0], _natural(s.session_id)))
+    return sessions
+
+
+#: YOOCHOOSE (RecSys Challenge 2015) ``yoochoose-clicks.dat``: session,timestamp,item,category.
+YOOCHOOSE_SPEC = ColumnSpec(",", False, item=2, time=1, session=0)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How sessions are filtered before evaluation (reported with the results)."""
+
+    min_item_support: int = 1
+    min_session_length: int = 2
+    events: str = "all"
+    session_gap_min: float = 30.0
+    limit_sessions: int = 0
+
+    def describe(self) -> str:
+        parts = [
+            f"events: {self.events}",
+            f"users' sessions (files without session ids) end after {self.session_gap_min:g} "
+            "min idle",
+            f"clicks on items with < {self.min_item_support} clicks removed"
+            if self.min_item_support > 1
+            else "all items kept",
+            f"sessions with < {self.min_session_length} clicks removed",
+            "consecutive repeats kept",
+        ]
+        if self.limit_sessions:
+            parts.append(f"only the last {self.limit_sessions:,} sessions")
+        return "; ".join(parts)
+
+
+def filter_sessions(
+    sessions: Sequence[Session], *, min_item_support: int = 1, min_length: int = 2
+) -> list[Session]:
+    """session-rec's filter: drop one-click sessions, then clicks on items with fewer than
+    ``min_item_support`` clicks, then sessions left with fewer than ``min_length`` clicks."""
+    sessions = [s for s in sessions if len(s.items) > 1]
+    if min_item_support > 1:
+        support: dict[str, int] = {}
+        for s in sessions:
+            for item in s.items:
+                support[item] = support.get(item, 0) + 1
+        kept = []
+        for s in sessions:
+            pairs = [
+                (i, t)
+                for i, t in zip(s.items, s.timestamps, strict=True)
+                if support[i] >= min_item_support
+            ]
+            if len(pairs) != len(s.items):
+                s = Session(s.session_id, tuple(i for i, _ in pairs), tuple(t for _, t in pairs))
+            kept.append(s)
+        sessions = kept
+    return [s for s in sessions if len(s.items) >= min_length]
+
+
+#: ``min_item_support="auto"``: literature's 5 for files of at least this many clicks, else 1.
+AUTO_SUPPORT_CLICKS = 100_000
+
+
+def load_sessions(
+    path: str | Path,
+    fmt: str = "auto",
+    *,
+    events: str = "auto",
+    session_gap_min: float = 30.0,
+    min_item_support: int | str = 1,
+    min_length: int = 2,
+    limit_sessions: int = 0,
+) -> list[Session]:
+    """Load ``path`` as ``fmt`` (one of :data:`FORMATS` or ``auto``) and filter it.
+
+    ``events="auto"`` keeps only views for RetailRocket (as session-rec) and every click
+    elsewhere. ``min_item_support="auto"`` is 5 (the literature's) for files of at least
+    :data:`AUTO_SUPPORT_CLICKS` clicks, 1 for smaller samples. ``limit_sessions`` keeps only
+    the most recent sessions (0: all).
+    """
+    sessions, _ = load_and_preprocess(
+        path,
+        fmt,
+        events=events,
+        session_gap_min=session_gap_min,
+        min_item_support=min_item_support,
+        min_length=min_length,
+        limit_sessions=limit_sessions,
+    )
+    return sessions
+
+
+def load_and_preprocess(
+    path: str | Path,
+    fmt: str = "auto",
+    *,
+    events: str = "auto",
+    session_gap_min: float = 30.0,
+    min_item_support: int | str = 1,
+    min_length: int = 2,
+    limit_sessions: int = 0,
+) -> tuple[list[Session], Preprocessing]:
+    """:func:`load_sessions` and the preprocessing it applied."""
     if fmt == "auto":
         fmt = detect_format(path)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}")
+    if events == "auto":
+        events = "view" if fmt == "retailrocket" else "all"
+    if events not in ("view", "all"):
+        raise ValueError(f"unknown events {events!r}")
+    gap_ms = int(session_gap_min * 60_000)
     if fmt == "diginetica":
-        return load_diginetica(path)
-    if fmt == "clicks":
-        return load_clicks(path)
-    raise ValueError(f"unknown format {fmt!r}")
+        sessions = load_diginetica(path, min_length=2)
+    elif fmt == "clicks":
+        sessions = load_clicks(path, min_length=2)
+    elif fmt == "yoochoose":
+        sessions = load_delimited(path, YOOCHOOSE_SPEC, session_gap_ms=gap_ms)
+    else:
+        sessions = load_delimited(path, events=events, session_gap_ms=gap_ms)
+    if min_item_support == "auto":
+        clicks = sum(len(s.items) for s in sessions)
+        support = 5 if clicks >= AUTO_SUPPORT_CLICKS else 1
+    else:
+        support = int(min_item_support)
+    sessions = filter_sessions(sessions, min_item_support=support, min_length=min_length)
+    if limit_sessions and len(sessions) > limit_sessions:
+        sessions = sessions[-limit_sessions:]
+    return sessions, Preprocessing(support, min_length, events, session_gap_min, limit_sessions)
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,21 +745,57 @@ def check_ks(ks: Iterable[int]) -> tuple[int, ...]:
     return result
 
 
+def split_by_days(
+    sessions: Sequence[Session], test_days: float = 1.0
+) -> tuple[list[Session], list[Session]]:
+    """session-rec's time split: sessions that end in the last ``test_days`` days of the data
+    are the test set, the others the training set; test clicks on items the training set
+    never saw are removed, and test sessions left with fewer than two clicks dropped."""
+    if not sessions:
+        return [], []
+    end = max(s.timestamps[-1] for s in sessions)
+    boundary = end - int(test_days * 86_400_000)
+    train = [s for s in sessions if s.timestamps[-1] < boundary]
+    known = {item for s in train for item in s.items}
+    test = []
+    for s in sessions:
+        if s.timestamps[-1] < boundary:
+            continue
+        pairs = [(i, t) for i, t in zip(s.items, s.timestamps, strict=True) if i in known]
+        if len(pairs) >= 2:
+            test.append(
+                Session(s.session_id, tuple(i for i, _ in pairs), tuple(t for _, t in pairs))
+            )
+    return train, test
+
+
 def evaluate(
     sessions: Iterable[Session],
     models: Mapping[str, SessionModel],
     *,
     ks: Iterable[int] = DEFAULT_KS,
+    train: Iterable[Session] = (),
+    learn: bool = True,
 ) -> dict[str, RecMetrics]:
     """Run the predict-then-learn protocol (module docstring) for every model, side by side.
 
     Each click is shown to all models before the next one, in the order of ``models``.
+    ``train`` sessions are learned first, without predictions (the split protocol);
+    ``learn=False`` freezes the models on ``sessions`` (they still see each session's prefix
+    when asked, as in the literature's evaluation of a trained model).
     """
     cutoffs = check_ks(ks)
     n = cutoffs[-1]
     tallies = {name: _Tally(cutoffs) for name in models}
     catalog: set[str] = set()
     clock = time.perf_counter
+    for session in train:
+        for t, (item, ts) in enumerate(zip(session.items, session.timestamps, strict=True)):
+            prefix = session.items[:t]
+            for name, model in models.items():
+                began = clock()
+                model.observe(prefix, item, ts)
+                tallies[name].observe_s.append(clock() - began)
     for session in sessions:
         catalog.update(session.items)
         for t, (item, ts) in enumerate(zip(session.items, session.timestamps, strict=True)):
@@ -423,9 +808,10 @@ def evaluate(
                     recommended = list(model.recommend(prefix, n))[:n]
                     tally.recommend_s.append(clock() - began)
                     tally.score(recommended, item, kind)
-                began = clock()
-                model.observe(prefix, item, ts)
-                tally.observe_s.append(clock() - began)
+                if learn:
+                    began = clock()
+                    model.observe(prefix, item, ts)
+                    tally.observe_s.append(clock() - began)
     return {name: _metrics(tally, len(catalog)) for name, tally in tallies.items()}
 
 

@@ -61,7 +61,7 @@ def to_epoch_ms(value: Any) -> int:
     elif isinstance(value, str):
         if len(value) > 64:
             raise ValueError("timestamp string too long")
-        if value.isdigit():
+        if value.isascii() and value.isdigit():
             ms = int(value)
         else:
             try:

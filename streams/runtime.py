@@ -56,16 +56,14 @@ class Runtime:
         self.topology = topology
         self._redis = redis
         self._clickhouse = clickhouse
-        #: Recommender, item catalog, delivery lanes, bought-together: restored from the last
-        #: checkpoint before the first batch that needs them (``serving_models``).
+        #: Recommender, catalog, delivery lanes, bought-together, RFM segmenters: restored
+        #: from the last checkpoint before the first batch that needs them.
         self.serving = ServingModels()
         self._serving_load: asyncio.Future[ServingModels] | None = None
         self.rerank_policy = RerankPolicy(
             delivery_half_days=settings.recs_delivery_half_days,
             max_per_category=settings.recs_max_per_category,
         )
-        #: One RFM segmenter per clicks partition (in memory: relearned after a restart).
-        self.segmenters: dict[int, RfmSegmenter] = {}
         self.fraud_engines: dict[int, FraudEngine] = {}
         self._checkpoint_holds: dict[int, list[Any]] = {}
         self._engine_loads: dict[int, asyncio.Future[FraudEngine]] = {}
@@ -242,10 +240,7 @@ class Runtime:
         return states
 
     def segmenter(self, partition: int) -> RfmSegmenter:
-        segmenter = self.segmenters.get(partition)
-        if segmenter is None:
-            segmenter = self.segmenters[partition] = RfmSegmenter()
-        return segmenter
+        return self.serving.segmenter(partition)
 
     # -- fraud engines (one per payments partition) -------------------------------------------
     def new_fraud_engine(self) -> FraudEngine:

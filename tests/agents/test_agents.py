@@ -532,6 +532,8 @@ async def test_serving_models_are_restored_from_their_checkpoint(harness: Harnes
     for i in range(3):
         events.append(harness.event("clicks", click(f"o{i}", T0, item_id="phone")))
         events.append(harness.event("clicks", click(f"o{i}", T0 + 1, item_id="case")))
+    buy = click("o0", T0 + 2, type="purchase", item_id="case", price=30.0, currency="EUR")
+    events.append(harness.event("clicks", buy, partition=2))
     await process_clicks(harness.runtime, events)
     assert await harness.runtime.checkpoint_serving_models() > 0
 
@@ -544,6 +546,8 @@ async def test_serving_models_are_restored_from_their_checkpoint(harness: Harnes
     models = await restarted.serving_models()
     assert models is not harness.runtime.serving
     assert models.recommender.recommend(["phone"], country="DE", n=1)[0][0] == "case"
+    assert list(models.segmenters) == [2]  # the RFM segmenter of the purchase's partition
+    assert models.segmenters[2].observed == 1
     # A worker that has not loaded its models yet never overwrites the checkpoint.
     fresh = Runtime(
         harness.settings,

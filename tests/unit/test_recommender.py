@@ -237,3 +237,81 @@ def test_a_valid_far_future_click_does_not_crash_the_recommender() -> None:
     play(r, ["a", "b"], ts=T0)
     play(r, ["a", "c"], ts=4_102_444_799_999)  # 2099-12-31, accepted by the event schema
     assert ranked(r.recommend(["a"], country="DE", n=1)) == ["c"]
+
+
+# -- session neighbourhood (V-SKNN), online mixture, bounds --------------------------------------
+
+
+def test_session_neighbours_recommend_what_similar_sessions_contained() -> None:
+    r = SessionRecommender(window=1, popularity_weight=0.0)
+    # x never directly follows b: only sessions that share a and b also contain x.
+    for _ in range(3):
+        play(r, ["x", "a", "b"])
+    play(r, ["y", "q"])
+    recs = ranked(r.recommend(["a", "b"], country="DE", n=5))
+    assert "x" in recs
+    assert "y" not in recs
+
+
+def test_sessions_are_recognised_by_their_items_or_a_session_id() -> None:
+    r = SessionRecommender()
+    play(r, ["a", "b", "b", "c"])
+    assert list(r.sessions.values()) == [["a", "b", "c"]]
+    for item, before in (("p", []), ("q", ["p"])):
+        r.observe(before, item, country=None, category=None, ts_ms=T0, kind="view", session_id="u1")
+    assert list(r.sessions.values())[-1] == ["p", "q"]
+    assert r.item_sessions["p"] == [1]
+
+
+def test_neighbourhood_memory_is_bounded() -> None:
+    r = SessionRecommender(max_sessions=10, sessions_per_item=4, session_length=3)
+    for i in range(50):
+        play(r, ["hub", f"i{i}", f"j{i}", f"k{i}", f"l{i}"])
+    assert len(r.sessions) <= 10
+    assert all(len(items) <= 3 for items in r.sessions.values())
+    assert len(r.item_sessions["hub"]) <= 8
+    assert len(r._open) <= 10
+    recs = r.recommend(["hub"], country=None, n=5)  # forgotten sessions are skipped
+    assert len(recs) == 5
+
+
+def test_recommendations_are_deterministic_and_survive_pickling() -> None:
+    import pickle
+
+    def build() -> SessionRecommender:
+        r = SessionRecommender()
+        for i in range(40):
+            play(r, ["a", f"b{i % 7}", f"c{i % 5}", "a"], ts=T0 + i * 60_000)
+        return r
+
+    first, second = build(), build()
+    query = ["a", "b3"]
+    assert first.recommend(query, country="DE", n=10) == second.recommend(query, country="DE", n=10)
+    copy = pickle.loads(pickle.dumps(first))
+    assert copy.recommend(query, country="DE", n=10) == first.recommend(query, country="DE", n=10)
+    play(copy, ["a", "b3", "new"], ts=T0 + DAY)
+    assert "new" in ranked(copy.recommend(query, country="DE", n=30))
+    assert "new" not in ranked(first.recommend(query, country="DE", n=30))
+
+
+def test_old_neighbour_sessions_decay_in_event_time() -> None:
+    r = SessionRecommender(window=1, popularity_weight=0.0)
+    for _ in range(3):
+        play(r, ["old", "a", "b"], ts=T0)
+    play(r, ["new", "a", "b"], ts=T0 + 10 * DAY)
+    recs = ranked(r.recommend(["a", "b"], country="DE", n=10))
+    assert recs.index("new") < recs.index("old")
+
+
+def test_mixture_learns_which_source_predicts_new_items() -> None:
+    r = SessionRecommender()
+    start = r.mixture()
+    assert start == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+    for _ in range(200):
+        seen = ["a"]
+        r.observe([], "a", country=None, category=None, ts_ms=T0, kind="view")
+        r.recommend(seen, country=None, n=20)  # what each source said is kept for the click
+        r.observe(seen, "b", country=None, category=None, ts_ms=T0, kind="view")
+    transitions, neighbours, other = r.mixture()
+    # "other" keeps some credit: with a two-item catalog chance is 1/2
+    assert other < 0.15 < 0.85 < transitions + neighbours
