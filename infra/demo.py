@@ -11,7 +11,6 @@ earlier runs' offsets; Redis keys (``bf:``) and the ClickHouse database are the 
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections import Counter
@@ -26,7 +25,7 @@ from infra.migrate import clickhouse_client, migrate
 from infra.processes import processed_total, start_worker, wait_processed
 from schemas.config import Settings
 from sinks.kafka import EventProducer, TopicReader, ensure_topics
-from sinks.redis_store import RedisStore
+from sinks.storefront_client import StorefrontClient
 
 
 def _section(title: str) -> None:
@@ -87,31 +86,42 @@ def run_demo(settings: Settings, *, users: int, days: int, seed: int) -> None:
 
 
 def _show_storefront(settings: Settings, events: list[Any]) -> None:
-    _section("storefronts: Redis")
-    buyers = [e.key for e in events if e.topic == "clicks" and e.value.get("type") == "purchase"]
-    sample = list(dict.fromkeys(reversed(buyers)))[:3]
-
-    async def read() -> None:
-        store = RedisStore(settings)
-        try:
-            for user_id in sample:
-                profile = await store.read_profile(user_id)
-                meta = await store.read_meta(user_id)
-                recs = await store.read_recs(user_id, 5)
+    _section("storefronts: Redis (sinks/storefront_client.py)")
+    purchases = [e for e in events if e.topic == "clicks" and e.value.get("type") == "purchase"]
+    sample = list(dict.fromkeys(e.key for e in reversed(purchases)))[:3]
+    with StorefrontClient.from_settings(settings) as shop:
+        for user_id in sample:
+            profile = shop.profile(user_id) or {}
+            recs = shop.recommendations(user_id, 5)
+            delivery = (
+                f"{profile['deliveries']} deliveries: {profile['avg_delivery_days']:.1f} days on "
+                f"average, {profile['late_delivery_share']:.0%} late"
+                if profile.get("deliveries")
+                else "no delivery yet"
+            )
+            click.echo(
+                f"user {user_id} ({profile.get('country')}, {profile.get('device')}, "
+                f"{profile.get('lang')}): segment {profile.get('segment') or '-'}, "
+                f"{profile.get('frequency_purchases')} purchases, "
+                f"{profile.get('monetary_usd') or 0:.2f} USD, price band "
+                f"{profile.get('price_band') or '-'}, {delivery}"
+            )
+            click.echo(f"  top categories {profile.get('top_categories')}")
+            click.echo(
+                f"  recs ({recs.basis}, after event {recs.event_id}): "
+                + ", ".join(f"{item} ({score:.3g})" for item, score in recs.items)
+            )
+        bought = [e.value["item_id"] for e in reversed(purchases)]
+        for item_id in dict.fromkeys(bought):
+            together = shop.bought_together(item_id, 3)
+            if together:
                 click.echo(
-                    f"user {user_id} ({profile.get('country')}, {profile.get('device')}, "
-                    f"{profile.get('lang')}): {profile.get('frequency_purchases')} purchases, "
-                    f"{float(profile.get('monetary_usd', 0)):.2f} USD, "
-                    f"top categories {profile.get('top_categories')}"
+                    f"bought together with {item_id}: "
+                    + ", ".join(f"{item} ({p:.0%})" for item, p in together)
                 )
-                click.echo(
-                    f"  recs after event {meta.get('last_event_id')}: "
-                    + ", ".join(f"{item} ({score:.3g})" for item, score in recs)
-                )
-        finally:
-            await store.aclose()
-
-    asyncio.run(read())
+                break
+        trending = shop.popular("DE", 5)
+        click.echo("trending in DE: " + ", ".join(item for item, _ in trending))
     if sample:
         click.echo(
             f"read it yourself: redis-cli -p {settings.redis_port} "
@@ -152,6 +162,16 @@ def _show_analytics(settings: Settings) -> None:
         for country, payments, alerts, mean_score, usd in rows:
             click.echo(
                 f"  {country or '-':<9}{payments:>9}{alerts:>8}{mean_score:>12}{usd:>14,.2f}"
+            )
+        [(predictions, hr5, hr20, mrr20)] = client.execute(
+            "SELECT sum(predictions), sum(hits_5) / sum(predictions), "
+            "sum(hits_20) / sum(predictions), sum(rr_20) / sum(predictions) FROM rec_quality"
+        )
+        if predictions:
+            click.echo(
+                f"recommendation quality online (rec_quality): {predictions:,} clicks scored "
+                f"against the recs served before them: HR@5 {hr5:.3f}, HR@20 {hr20:.3f}, "
+                f"MRR@20 {mrr20:.3f}"
             )
     finally:
         client.disconnect()

@@ -38,6 +38,15 @@ from schemas.events import ClickEvent
 CANDIDATES_PER_SLOT = 3
 
 
+def session_key(profile: UserProfile, click: ClickEvent | None = None) -> str:
+    """The user's current session as the recommender knows it: the same session id after a
+    long silence is a new session (``models.profile.SESSION_GAP_MS``), hence the start time.
+    A late click of an earlier session gets that session's own key."""
+    if click is not None and click.session_id != profile.session_id:
+        return f"{profile.user_id}:{click.session_id}"
+    return f"{profile.user_id}:{profile.session_id}:{profile.session_start}"
+
+
 @dataclass(frozen=True, slots=True)
 class Recommendation:
     items: list[tuple[str, float]]  # (item_id, score), best first
@@ -64,9 +73,11 @@ class ServingModels:
         session_before: Sequence[str],
         basket_before: Sequence[str],
         country: str | None,
+        session_key: str | None = None,
     ) -> None:
         """Learn one (newly applied) click; ``*_before`` are the user's session items and
-        session purchases as they were before it."""
+        session purchases as they were before it; ``session_key`` names the session in the
+        recommender's neighbourhood memory (:func:`session_key`)."""
         item_id = click.item_id
         if not item_id or click.type == "remove_from_cart":
             return
@@ -84,6 +95,7 @@ class ServingModels:
             category=click.category,
             ts_ms=click.ts,
             kind=click.type,
+            session_id=session_key,
         )
         if click.type == "purchase":
             self.fbt.observe_purchase(basket_before, item_id, ts_ms=click.ts)
@@ -112,6 +124,7 @@ class ServingModels:
                 n=wanted,
                 top_categories=profile.top_categories(profile.last_ts),
                 exclude=profile.recent_purchases,
+                session_id=session_key(profile),
             )
             basis = "session" if profile.session_items else "profile"
         else:

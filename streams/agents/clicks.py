@@ -25,6 +25,7 @@ import faust
 
 from models.fx import to_usd
 from models.profile import UserProfile, apply_click
+from models.serving import session_key
 from schemas.events import CLICKS, ClickEvent
 from streams.runtime import RollupCounter, Runtime, SegmentMix, micro_batches, wall_ms
 
@@ -83,6 +84,7 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
             session_before=session_before,
             basket_before=basket_before,
             country=click.country or profile.country or None,
+            session_key=session_key(profile, click),
         )
         amount = 0.0
         if click.type == "purchase" and click.price and click.currency:

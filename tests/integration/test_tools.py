@@ -62,7 +62,11 @@ def test_demo_shows_every_user_group(stack: Settings, tmp_path: Path) -> None:
     text = done.stdout
     for section in ("pipeline", "storefronts: Redis", "risk team", "analysts: ClickHouse"):
         assert f"== {section}" in text
-    assert "recs after event clk-" in text
+    assert re.search(
+        r"recs \((session|profile|popular-country|popular-global), after event (clk|trk)-", text
+    )
+    assert "price band" in text and "trending in DE: " in text
+    assert "recommendation quality online (rec_quality)" in text
     processed = re.search(r"processed ([\d,]+) events; ([\d,]+) events/s", text)
     assert processed, text
     assert int(processed[2].replace(",", "")) > 0  # it waited for this run's worker
