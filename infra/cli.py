@@ -76,7 +76,7 @@ def worker(settings: Settings, pipeline: str | None, web_port: int | None, logle
     """Run one stream-processing worker in the foreground (several can run side by side)."""
     from faust.worker import Worker
 
-    from schemas.events import INPUT_MODELS
+    from schemas.events import ALL_TOPICS
     from sinks.kafka import ensure_topics
     from streams.app import create_worker_app
 
@@ -86,7 +86,7 @@ def worker(settings: Settings, pipeline: str | None, web_port: int | None, logle
     if web_port is not None:
         updates["worker_web_port"] = web_port or _free_port()
     settings = settings.model_copy(update=updates)
-    ensure_topics(settings, [*INPUT_MODELS, "fraud-alerts", "deadletter"])
+    ensure_topics(settings, list(ALL_TOPICS))
     app, _ = create_worker_app(settings)
     Worker(app, loglevel=loglevel, redirect_stdouts=False).execute_from_commandline()
 

@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     worker_web_port: int = 16066
     #: Micro-batch: at most this many events, waiting at most ``batch_within_s`` seconds.
     batch_max_events: int = Field(default=1000, ge=1)
-    batch_within_s: float = Field(default=0.05, gt=0)
+    batch_within_s: float = Field(default=0.05, ge=0)
     #: Broker session timeout; Tansu needs a short one for a quick group join.
     broker_session_timeout_s: float = 6.0
     broker_heartbeat_interval_s: float = 1.0
@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     recs_delivery_half_days: float = Field(default=10.0, ge=0)
     #: Length of each ``bf:fbt:{item_id}`` list (frequently bought together).
     fbt_top_n: int = Field(default=20, ge=1, le=500)
+    #: ``bf:shipment:{order_id}`` hashes expire this long after their last write (0: never).
+    shipment_ttl_days: float = Field(default=60.0, ge=0)
+    #: Logistics alert: predicted delivery later than the promise by more than this.
+    logistics_late_margin_h: float = Field(default=12.0, ge=0)
     #: How often (wall clock) the worker saves its recommender, item catalog, delivery lanes
     #: and "bought together" statistics to Redis (restored at start-up).
     serving_checkpoint_interval_s: float = Field(default=60.0, gt=0)

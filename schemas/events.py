@@ -35,7 +35,10 @@ PAYMENTS = "payments"
 FRAUD_LABELS = "fraud-labels"
 LOGISTICS = "logistics"
 FRAUD_ALERTS = "fraud-alerts"
+LOGISTICS_ALERTS = "logistics-alerts"
 DEADLETTER = "deadletter"
+#: Every topic of the contract: the four inputs, then the outputs.
+ALL_TOPICS = (CLICKS, PAYMENTS, FRAUD_LABELS, LOGISTICS, FRAUD_ALERTS, LOGISTICS_ALERTS, DEADLETTER)
 
 #: Accepted event-time range: anything outside is a producer bug, not an event.
 MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z

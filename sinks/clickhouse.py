@@ -42,6 +42,15 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "events_per_minute": ("minute", "topic", "event_type", "country", "events", "amount_usd"),
     "segment_mix_per_hour": ("hour", "country", "segment", "purchases", "revenue_usd"),
+    "shipments": (
+        "order_id", "user_id", "carrier", "origin_country", "dest_country", "created_ts",
+        "completed_ts", "outcome", "transit_days", "has_promise", "on_time", "customs_hours",
+        "failed_attempts", "returned", "invalid_transitions", "version", "ingested_at",
+    ),
+    "shipment_predictions": (
+        "event_id", "order_id", "ts", "ts_ms", "status", "carrier", "origin_country",
+        "dest_country", "predicted_delivery_ts_ms", "promised_ts_ms", "delay_risk", "ingested_at",
+    ),
     "rec_predictions": (
         "event_id", "ts", "ts_ms", "user_id", "country", "click_type", "hit_rank", "recs_size",
         "personalised", "recs_age_ms", "ingested_at",

@@ -51,6 +51,22 @@ end
 return 1
 """
 
+# KEYS: shipment hash; ARGV: last_scan_ts_ms, ttl_s (0: none), then <field, value> pairs (which
+# include last_scan_ts). Refuses to replace a state built from a later scan.
+_WRITE_SHIPMENT = """
+local stored = redis.call('HGET', KEYS[1], 'last_scan_ts')
+if stored and tonumber(stored) > tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 3, #ARGV))
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+end
+return 1
+"""
+
 # KEYS: one sorted set; ARGV: <score, member> pairs. Replaces the set atomically, so a reader
 # never sees it half-written (used for ``fbt:{item_id}``).
 _REPLACE_SORTED_SET = """
@@ -86,6 +102,7 @@ class RedisStore:
         )
         self._write_user_state = self.client.register_script(_WRITE_USER_STATE)
         self._replace_sorted_set = self.client.register_script(_REPLACE_SORTED_SET)
+        self._write_shipment = self.client.register_script(_WRITE_SHIPMENT)
 
     # -- key names (the contract) -----------------------------------------------------------
     def recs_key(self, user_id: str) -> str:
@@ -96,6 +113,9 @@ class RedisStore:
 
     def profile_key(self, user_id: str) -> str:
         return f"{self.prefix}profile:{user_id}"
+
+    def shipment_key(self, order_id: str) -> str:
+        return f"{self.prefix}shipment:{order_id}"
 
     def fbt_key(self, item_id: str) -> str:
         return f"{self.prefix}fbt:{item_id}"
@@ -158,6 +178,29 @@ class RedisStore:
             key = f"{self.prefix}{kind}:{item_id}"
             await self._replace_sorted_set(keys=[key], args=args, client=pipe)
         await pipe.execute()
+
+    async def write_shipments(
+        self, shipments: Iterable[Mapping[str, str | int | float]], *, ttl_s: int = 0
+    ) -> list[int]:
+        """Write ``shipment:{order_id}`` hashes (each mapping holds ``order_id`` and
+        ``last_scan_ts``) in one pipeline; 1 written, 0 refused (a later scan is stored)."""
+        pipe = self.client.pipeline(transaction=False)
+        n = 0
+        for fields in shipments:
+            args: list[Any] = [fields["last_scan_ts"], ttl_s]
+            for name, value in fields.items():
+                args.append(name)
+                args.append(value)
+            key = self.shipment_key(str(fields["order_id"]))
+            await self._write_shipment(keys=[key], args=args, client=pipe)
+            n += 1
+        if not n:
+            return []
+        return [int(r) for r in await pipe.execute()]
+
+    async def read_shipment(self, order_id: str) -> dict[str, str]:
+        raw = await self.client.hgetall(self.shipment_key(order_id))
+        return {_text(k): _text(v) for k, v in raw.items()}
 
     async def count_processed(self, processed: Mapping[str, int]) -> None:
         if not any(processed.values()):

@@ -28,7 +28,15 @@ from aiokafka.partitioner import murmur2
 from mode.utils.text import want_bytes
 
 from schemas.config import Settings
-from schemas.events import CLICKS, DEADLETTER, FRAUD_ALERTS, FRAUD_LABELS, LOGISTICS, PAYMENTS
+from schemas.events import (
+    CLICKS,
+    DEADLETTER,
+    FRAUD_ALERTS,
+    FRAUD_LABELS,
+    LOGISTICS,
+    LOGISTICS_ALERTS,
+    PAYMENTS,
+)
 
 
 @dataclass(frozen=True)
@@ -39,9 +47,12 @@ class Topology:
     fraud_labels: faust.TopicT
     logistics: faust.TopicT
     fraud_alerts: faust.TopicT
+    logistics_alerts: faust.TopicT
     deadletter: faust.TopicT
     #: user_id (bytes) -> UserProfile.to_bytes(); changelog-backed, so it survives restarts.
     user_profiles: faust.Table
+    #: user_id (bytes) -> ShipmentBook.to_bytes(): the user's shipments in flight.
+    user_shipments: faust.Table
 
     @property
     def input_topics(self) -> dict[str, faust.TopicT]:
@@ -105,6 +116,18 @@ def build_topology(settings: Settings, app: faust.App | None = None) -> Topology
             value_serializer="raw",
         )
 
+    def user_table(name: str) -> faust.Table:
+        table = UserPartitionedTable(
+            app,
+            name=f"{settings.topic_prefix}{name}",
+            default=None,
+            beacon=app.tables.beacon,
+            partitions=settings.topic_partitions,
+            key_type=bytes,
+            value_type=bytes,
+        )
+        return cast(faust.Table, app.tables.add(table))
+
     return Topology(
         app=app,
         clicks=topic(CLICKS),
@@ -112,21 +135,10 @@ def build_topology(settings: Settings, app: faust.App | None = None) -> Topology
         fraud_labels=topic(FRAUD_LABELS),
         logistics=topic(LOGISTICS),
         fraud_alerts=topic(FRAUD_ALERTS),
+        logistics_alerts=topic(LOGISTICS_ALERTS),
         deadletter=topic(DEADLETTER),
-        user_profiles=cast(
-            faust.Table,
-            app.tables.add(
-                UserPartitionedTable(
-                    app,
-                    name=f"{settings.topic_prefix}user_profiles",
-                    default=None,
-                    beacon=app.tables.beacon,
-                    partitions=settings.topic_partitions,
-                    key_type=bytes,
-                    value_type=bytes,
-                )
-            ),
-        ),
+        user_profiles=user_table("user_profiles"),
+        user_shipments=user_table("user_shipments"),
     )
 
 

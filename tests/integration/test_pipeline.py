@@ -21,6 +21,7 @@ from infra.cli import cli
 from infra.migrate import clickhouse_client, migrate
 from infra.processes import WorkerProcess, isolated, start_worker, wait_processed
 from schemas.config import Settings
+from schemas.events import ALL_TOPICS
 from sinks.kafka import EventProducer, TopicReader, ensure_topics
 from sinks.redis_store import RedisStore
 from sinks.storefront_client import StorefrontClient
@@ -28,7 +29,7 @@ from sinks.storefront_client import StorefrontClient
 pytestmark = pytest.mark.integration
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
-TOPICS = ["clicks", "payments", "fraud-labels", "logistics", "fraud-alerts", "deadletter"]
+TOPICS = list(ALL_TOPICS)
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,12 @@ from infra.cli import cli
 from infra.migrate import clickhouse_client, migrate
 from infra.processes import isolated, start_worker, wait_processed
 from schemas.config import Settings
+from schemas.events import ALL_TOPICS
 from sinks.kafka import ensure_topics
 
 pytestmark = pytest.mark.integration
 
-TOPICS = ["clicks", "payments", "fraud-labels", "logistics", "fraud-alerts", "deadletter"]
+TOPICS = list(ALL_TOPICS)
 
 
 def run_replay(stack: Settings, events_file: Path, n_events: int, rate: int, log_dir: Path):
