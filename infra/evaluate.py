@@ -44,6 +44,7 @@ from clickhouse_driver import Client
 from clickhouse_driver.errors import Error as ClickHouseError
 from clickhouse_driver.errors import NetworkError, SocketTimeoutError
 
+from infra.eval_logistics import eval_logistics_command
 from infra.eval_recs import eval_recs_command
 from models.evaluation import (
     CardPrecisionAtK,
@@ -471,7 +472,8 @@ def format_report(result: Mapping[str, Any]) -> str:
 
 @click.group(name="eval")
 def eval_cli() -> None:
-    """Evaluate models: fraud scores recorded in ClickHouse, recommendations on a session file."""
+    """Evaluate models: fraud scores in ClickHouse, recommendations on a session file,
+    delivery-time predictions on a simulated shop."""
 
 
 @eval_cli.command()
@@ -539,3 +541,4 @@ def fraud(
 
 
 eval_cli.add_command(eval_recs_command)
+eval_cli.add_command(eval_logistics_command)

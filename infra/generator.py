@@ -18,6 +18,15 @@ The world:
   category affinities: a session keeps to a group or category most of the time;
 * sessions: search -> view -> add_to_cart (-> remove_from_cart) -> purchase, prices in the
   user's currency (``FX_USD_PER_UNIT``); a purchase makes a payment and a shipment journey;
+* shipments: scans created -> picked -> departed -> arrived_hub (-> customs) ->
+  out_for_delivery -> delivered (failed attempts, returns), with known effects to learn: each
+  lane (origin -> destination) has its own typical transit (``route_transit_days``: a stable
+  hash within domestic 1-2.5, same-region 2-4, other 5-10 days) times the carrier's speed,
+  +-10% and log-normal (sigma 0.15) per parcel; express carriers pick up sooner; customs holds
+  by destination (``CUSTOMS_HOLD``, ``CUSTOMS_HOLD_DAYS``); no delivery rounds on Sundays
+  (destination local time); the promise comes from the lane's typical time, never from the
+  parcel's own draws. These effects reuse the same random draws in the same order as before,
+  so every other stream is unchanged by them;
 * fraud scenarios on payments (see ``SCENARIOS``), kept near ``fraud_rate`` of all payments;
 * labels: ``fraud`` (chargeback) 1-14 days after a fraud payment, ``legit`` (settlement) after
   ``settlement_delay_days``; labels due after the simulated period are not emitted.
@@ -36,6 +45,7 @@ import math
 import random
 import sys
 import time
+import zlib
 from bisect import bisect
 from collections import Counter
 from collections.abc import Iterator
@@ -49,6 +59,7 @@ import numpy as np
 import orjson
 
 from models.fx import USD_PER_UNIT
+from models.shipments import SHIPMENT_TRANSITIONS as SHIPMENT_TRANSITIONS  # re-export
 from schemas.config import Settings
 from schemas.errors import BorderflowError
 from schemas.events import CLICKS, FRAUD_LABELS, LOGISTICS, PAYMENTS, to_epoch_ms
@@ -254,20 +265,20 @@ CROSS_BORDER_CARRIERS = (("dhl_express", 0.35), ("fedex", 0.25), ("ups", 0.25), 
 #: Probability that a customs check holds a parcel, by destination.
 CUSTOMS_HOLD = {"BR": 0.30, "RU": 0.25, "IN": 0.20, "MX": 0.15, "CN": 0.12, "SA": 0.12}
 CUSTOMS_HOLD_DEFAULT = 0.06
+#: Median days a held parcel stays in customs, by destination (log-normal, sigma 0.5).
+CUSTOMS_HOLD_DAYS = {"BR": 4.0, "RU": 3.5, "IN": 3.0, "MX": 2.5, "CN": 2.0, "SA": 2.0}
+CUSTOMS_HOLD_DAYS_DEFAULT = 1.5
 
-#: Valid successors of each shipment status (tests check every journey against this).
-SHIPMENT_TRANSITIONS: dict[str, frozenset[str]] = {
-    "created": frozenset({"picked"}),
-    "picked": frozenset({"departed"}),
-    "departed": frozenset({"arrived_hub"}),
-    "arrived_hub": frozenset({"customs_hold", "customs_cleared", "out_for_delivery"}),
-    "customs_hold": frozenset({"customs_cleared", "returned"}),
-    "customs_cleared": frozenset({"out_for_delivery"}),
-    "out_for_delivery": frozenset({"delivered", "failed_attempt"}),
-    "failed_attempt": frozenset({"out_for_delivery", "returned"}),
-    "delivered": frozenset({"returned"}),
-    "returned": frozenset(),
-}
+
+def route_transit_days(origin: str, dest: str, lo: float, hi: float) -> float:
+    """The typical door-to-hub transit of a lane (before the carrier's speed), in [lo, hi).
+
+    Fixed per route (a stable hash, not the run's seed): real lanes have their own typical
+    times, so per-route statistics and models have something to learn.
+    """
+    fraction = zlib.crc32(f"{origin}>{dest}".encode()) / 2**32
+    return lo + (hi - lo) * fraction
+
 
 #: Fraud scenarios and their weights once each has occurred once.
 #: Small incidents are more frequent so that each scenario makes a similar share of the fraud
@@ -803,23 +814,33 @@ class _Simulation:
 
     # -- logistics -------------------------------------------------------------------------
     def _shipment(self, user_id: str, order_id: str, origin: str, dest: str, t: int) -> None:
+        """One parcel's scans (see "Shipments" in the module docstring).
+
+        Every random draw below is made in the same order and number whatever the route, so
+        the logistics model of the journey can change without moving any other stream.
+        """
         rng = self.rng
         if origin == dest:
             carrier = CARRIERS[DOMESTIC_CARRIER[origin]]
-            transit_days = rng.uniform(1.0, 2.5)
+            lo, hi = 1.0, 2.5
         else:
             pairs = CROSS_BORDER_CARRIERS_FROM_CN if origin == "CN" else CROSS_BORDER_CARRIERS
             carrier = CARRIERS[_weighted(rng, pairs)]
             same_region = REGION.get(origin) == REGION.get(dest)
-            transit_days = rng.uniform(2.0, 4.0) if same_region else rng.uniform(5.0, 10.0)
+            lo, hi = (2.0, 4.0) if same_region else (5.0, 10.0)
+        # The lane's typical transit (fixed per route), then +-10% for this parcel.
+        lane_days = route_transit_days(origin, dest, lo, hi)
+        transit_days = lane_days * (0.9 + 0.2 * (rng.uniform(lo, hi) - lo) / (hi - lo))
         customs = origin != dest and not (origin in EU and dest in EU)
-        expected_days = 1.0 + transit_days * carrier.speed + (2.0 if customs else 0.0) + 1.0
+        # The shop promises from the lane's typical time, not from this parcel's fate.
+        expected_days = 1.0 + lane_days * carrier.speed + (2.0 if customs else 0.0) + 1.0
         promised = t + int(math.ceil(expected_days * carrier.quoted + 1.0) * DAY_MS)
         origin_city = (
             COUNTRY_BY_CODE[origin].city if origin in COUNTRY_BY_CODE else ORIGIN_CITIES[origin]
         )
         origin_loc = f"{origin_city}, {origin}"
         dest_loc = f"{COUNTRY_BY_CODE[dest].city}, {dest}"
+        dest_offset_ms = int(COUNTRY_BY_CODE[dest].utc_offset_h * HOUR_MS)
         base = {
             "user_id": user_id,
             "order_id": order_id,
@@ -846,13 +867,20 @@ class _Simulation:
         def hours(lo: float, hi: float) -> int:
             return int(rng.uniform(lo, hi) * HOUR_MS)
 
+        def not_on_sunday(ts: int) -> int:
+            """No delivery rounds on Sundays (destination local time): Monday instead."""
+            weekday = ((ts + dest_offset_ms) // DAY_MS + 3) % 7  # 1970-01-01 was a Thursday
+            return ts + DAY_MS if weekday == 6 else ts
+
         t += rng.randrange(MINUTE_MS, 30 * MINUTE_MS)
         scan("created", t, origin_loc)
-        t += int(rng.lognormvariate(math.log(10.0), 0.5) * HOUR_MS)
+        # Express carriers collect sooner (pick-up time scales with the carrier's speed).
+        t += int(rng.lognormvariate(math.log(10.0), 0.5) * carrier.speed * HOUR_MS)
         scan("picked", t, origin_loc)
         t += hours(2, 18)
         scan("departed", t, origin_loc)
-        t += int(transit_days * carrier.speed * rng.lognormvariate(0.0, 0.25) * DAY_MS)
+        noise = rng.lognormvariate(0.0, 0.25) ** 0.6  # sigma 0.15
+        t += int(transit_days * carrier.speed * noise * DAY_MS)
         scan("arrived_hub", t, dest_loc)
         if customs:
             if rng.random() < CUSTOMS_HOLD.get(dest, CUSTOMS_HOLD_DEFAULT):
@@ -861,12 +889,13 @@ class _Simulation:
                 if rng.random() < 0.03:  # refused at customs, sent back
                     scan("returned", t + int(rng.uniform(2, 6) * DAY_MS), origin_loc)
                     return
-                t += int(rng.lognormvariate(math.log(2.5), 0.5) * DAY_MS)
+                hold_days = CUSTOMS_HOLD_DAYS.get(dest, CUSTOMS_HOLD_DAYS_DEFAULT)
+                t += int(rng.lognormvariate(math.log(hold_days), 0.5) * DAY_MS)
             else:
                 t += hours(4, 30)
             scan("customs_cleared", t, dest_loc)
         for attempt in range(2):
-            t += hours(8, 30)
+            t = not_on_sunday(t + hours(8, 30))
             scan("out_for_delivery", t, dest_loc)
             t += hours(1, 8)
             if rng.random() >= carrier.p_failed_attempt:

@@ -229,3 +229,27 @@ class DeadLetter(BaseModel):
     truncated: bool = False
     #: For a JSON-array message: the position of the rejected element, else None.
     index: int | None = None
+
+
+class LogisticsAlert(BaseModel):
+    """Topic ``logistics-alerts``: a shipment predicted late, or held in customs too long.
+
+    ``alert_id`` is ``{order_id}:{kind}``: each kind fires at most once per shipment, so a
+    redelivered alert is recognisable. Times are epoch ms; ``ts`` is the event time of the
+    scan (or watermark) that raised it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    alert_id: str
+    order_id: str
+    user_id: str
+    kind: Literal["predicted_late", "customs_delay"]
+    reason: str
+    ts: int
+    predicted_delivery_ts: int | None = None
+    promised_ts: int | None = None
+    carrier: str
+    origin_country: str
+    dest_country: str
