@@ -1,6 +1,6 @@
 """Delivery lanes: how many days shipments take from an origin country to a destination.
 
-Learned online from completed deliveries (``models.profile.apply_shipment_scan``), with
+Learned online from completed deliveries (the logistics agent's ``DeliveredRecord``), with
 exponential decay in *event time* (half-life 30 days) so a carrier that got slower shows up
 within weeks. The recommender's logistics-aware re-ranking (``models.rerank``) asks it for the
 expected delivery days of an item shipping from its origin to the user's country.

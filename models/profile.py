@@ -3,8 +3,9 @@
 A profile holds what storefronts personalise with: RFM (recency, frequency, monetary value in
 USD), category affinity with exponential time decay, price band, preferred
 device/language/currency, peak hours, the current session (depth, dwell), the last items
-bought, and the user's delivery experience (``apply_shipment_scan``: average delivery days,
-late share), plus the recommendations last served (for online evaluation).
+bought, and the user's delivery experience (``record_scan`` / ``record_delivery``, fed by the
+logistics agent: average delivery days, late share), plus the recommendations last served
+(for online evaluation).
 
 ``apply_click`` is idempotent: each profile keeps the ids of its most recent events, so a
 redelivered event (at-least-once processing) is ignored instead of counted twice.
@@ -25,17 +26,13 @@ from typing import Any
 import orjson
 
 from models.fx import to_usd
-from schemas.events import ClickEvent, LogisticsEvent
+from schemas.events import ClickEvent
 
 #: Category affinity halves every 7 days of event time.
 AFFINITY_HALF_LIFE_MS = 7 * 24 * 3600 * 1000
 #: A gap of more than 30 minutes (event time) starts a new session.
 SESSION_GAP_MS = 30 * 60 * 1000
 RECENT_EVENT_IDS = 64
-RECENT_SCAN_IDS = 32
-#: Orders in flight tracked per user (the oldest is forgotten beyond this).
-OPEN_SHIPMENTS = 20
-DAY_MS = 86_400_000
 #: Price bands in USD: (name, lower bound). A band holds prices from its bound to the next.
 PRICE_BANDS: tuple[tuple[str, float], ...] = (
     ("budget", 0.0),
@@ -90,16 +87,15 @@ class UserProfile:
     dwell_samples: int = 0
     #: Items bought in the current session ("frequently bought together").
     session_purchases: list[str] = field(default_factory=list)
-    # -- delivery experience (logistics scans, apply_shipment_scan) --------------------------
-    #: order_id -> [first scan ts_ms, promised ts_ms or 0], for orders not yet delivered.
-    open_shipments: dict[str, list[int]] = field(default_factory=dict)
+    # -- delivery experience (from the logistics agent's shipment books) ---------------------
+    #: Orders of this user in flight.
+    open_shipments: int = 0
     deliveries: int = 0
     delivery_days_total: float = 0.0
     late_deliveries: int = 0
     returned_shipments: int = 0
     last_scan_ts: int = 0
     last_scan_id: str = ""
-    recent_scan_ids: list[str] = field(default_factory=list)
     # -- what was served (online evaluation in rec_predictions) ------------------------------
     #: The recommendations last written to Redis for this user, best first, and the event
     #: time of the state they were computed for.
@@ -200,7 +196,7 @@ class UserProfile:
             "deliveries": self.deliveries,
             "avg_delivery_days": round(avg_days, 2) if avg_days is not None else "",
             "late_delivery_share": round(late, 4) if late is not None else "",
-            "open_shipments": len(self.open_shipments),
+            "open_shipments": self.open_shipments,
         }
 
 
@@ -303,60 +299,19 @@ def price_band_of(price_usd: float) -> str:
     return name
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """A completed delivery, as ``apply_shipment_scan`` reports it (feeds the lane model)."""
-
-    order_id: str
-    origin_country: str
-    dest_country: str
-    days: float
-    late: bool
+def record_scan(profile: UserProfile, ts: int, event_id: str, open_shipments: int) -> None:
+    """A shipment scan of this user was applied: freshness and orders in flight."""
+    if ts >= profile.last_scan_ts:
+        profile.last_scan_ts = ts
+        profile.last_scan_id = event_id
+    profile.open_shipments = open_shipments
 
 
-def apply_shipment_scan(profile: UserProfile, scan: LogisticsEvent) -> tuple[bool, Delivery | None]:
-    """Fold one shipment scan into ``profile``'s delivery experience.
-
-    Returns (applied, delivery): applied is False for a scan already applied (redelivery);
-    delivery is the :class:`Delivery` when this scan completes a tracked shipment. Delivery
-    days run from the order's first scan to its ``delivered`` scan; it is late when delivered
-    after ``promised_ts``.
-    """
-    if scan.event_id in profile.recent_scan_ids:
-        return False, None
-    profile.recent_scan_ids.append(scan.event_id)
-    if len(profile.recent_scan_ids) > RECENT_SCAN_IDS:
-        del profile.recent_scan_ids[0]
-    if scan.ts >= profile.last_scan_ts:
-        profile.last_scan_ts = scan.ts
-        profile.last_scan_id = scan.event_id
-    tracked = profile.open_shipments.get(scan.order_id)
-    if scan.status in ("delivered", "returned"):
-        if tracked is None:
-            return True, None  # its earlier scans were never seen: no duration to learn
-        del profile.open_shipments[scan.order_id]
-        if scan.status == "returned":
-            profile.returned_shipments += 1
-            return True, None
-        first_ts, promised_ts = tracked
-        promised_ts = promised_ts or (scan.promised_ts or 0)
-        days = max(0.0, (scan.ts - first_ts) / DAY_MS)
-        late = bool(promised_ts) and scan.ts > promised_ts
-        profile.deliveries += 1
-        profile.delivery_days_total += days
-        profile.late_deliveries += int(late)
-        return True, Delivery(scan.order_id, scan.origin_country, scan.dest_country, days, late)
-    if tracked is None:
-        profile.open_shipments[scan.order_id] = [scan.ts, scan.promised_ts or 0]
-        if len(profile.open_shipments) > OPEN_SHIPMENTS:
-            oldest = min(profile.open_shipments, key=lambda o: profile.open_shipments[o][0])
-            del profile.open_shipments[oldest]
-    else:
-        # Scans may arrive out of order: the shipment started at its earliest scan.
-        tracked[0] = min(tracked[0], scan.ts)
-        if scan.promised_ts and not tracked[1]:
-            tracked[1] = scan.promised_ts
-    return True, None
+def record_delivery(profile: UserProfile, transit_days: float, on_time: bool | None) -> None:
+    """One of this user's shipments was delivered (``on_time`` None: it had no promise)."""
+    profile.deliveries += 1
+    profile.delivery_days_total += transit_days
+    profile.late_deliveries += int(on_time is False)
 
 
 def _bump_affinity(profile: UserProfile, category: str, weight: float, ts: int) -> None:

@@ -2,7 +2,8 @@
 
 :class:`ServingModels` bundles what the clicks and logistics agents learn and the storefront
 reads through Redis: the session recommender, the item catalog (category, origin country,
-price), the delivery lanes, "frequently bought together" and the RFM segmenters. They are
+price), the delivery lanes, "frequently bought together", the RFM segmenters and the
+logistics engine (shipment delivery-time model, customs statistics). They are
 learned online from the partitions a worker owns, in event time, and checkpointed together
 (pickle + zlib).
 
@@ -23,12 +24,14 @@ import pickle
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from models.catalog import ItemCatalog
 from models.delivery import DeliveryLanes
+from models.delivery_time import DeliveredRecord, LogisticsEngine
 from models.fbt import FrequentlyBoughtTogether
 from models.fx import to_usd
-from models.profile import Delivery, UserProfile
+from models.profile import UserProfile
 from models.recommender import SessionRecommender
 from models.rerank import RerankPolicy, rerank
 from models.segments import RfmSegmenter
@@ -64,6 +67,12 @@ class ServingModels:
     fbt: FrequentlyBoughtTogether = field(default_factory=FrequentlyBoughtTogether)
     #: One RFM segmenter per clicks partition (each learns at its partition's purchases).
     segmenters: dict[int, RfmSegmenter] = field(default_factory=dict)
+    #: Shipment tracking, delivery-time prediction and delay alerts (models.delivery_time).
+    logistics: LogisticsEngine = field(default_factory=LogisticsEngine)
+    #: order_id -> [user_id, hold start ts, origin, dest] of shipments in a customs hold:
+    #: checked against the event-time watermark every batch, so a hold that gets no further
+    #: scan still raises its alert.
+    customs_watch: dict[str, list[Any]] = field(default_factory=dict)
 
     # -- learning ---------------------------------------------------------------------------
     def learn_click(
@@ -106,9 +115,12 @@ class ServingModels:
             segmenter = self.segmenters[partition] = RfmSegmenter()
         return segmenter
 
-    def learn_delivery(self, delivery: Delivery, ts_ms: int) -> None:
+    def learn_delivery(self, delivery: DeliveredRecord) -> None:
         self.lanes.observe(
-            delivery.origin_country, delivery.dest_country, delivery.days, ts_ms=ts_ms
+            delivery.origin_country,
+            delivery.dest_country,
+            delivery.transit_days,
+            ts_ms=delivery.delivered_ts,
         )
 
     # -- answering --------------------------------------------------------------------------
@@ -177,4 +189,5 @@ class ServingModels:
             "items": len(self.catalog),
             "lanes": len(self.lanes.table()),
             "fbt_items": len(self.fbt.pairs),
+            "deliveries_learned": self.logistics.counters["deliveries"],
         }

@@ -191,6 +191,9 @@ class Runtime:
             else:
                 log.info("serving models restored: %s", restored.stats())
                 self.serving = restored
+        self.serving.logistics.late_margin_ms = int(
+            self.settings.logistics_late_margin_h * 3_600_000
+        )
         return self.serving
 
     async def checkpoint_serving_models(self) -> int:
@@ -344,10 +347,23 @@ class Runtime:
 def micro_batches(
     stream: faust.StreamT, settings: Settings
 ) -> AsyncIterator[Sequence[faust.EventT]]:
-    """The agent's input as micro-batches: up to ``batch_max_events`` events, waiting at
-    most ``batch_within_s`` for a batch to fill (events keep their message metadata)."""
-    take_events = cast(faust.Stream, stream).take_events
-    return take_events(settings.batch_max_events, settings.batch_within_s)
+    """The agent's input as micro-batches of up to ``batch_max_events`` events (events keep
+    their message metadata), sized by the load instead of by a clock.
+
+    A batch is whatever arrived while the agent was busy with the previous one: taken at
+    once when the agent is free. Only an idle agent waits, for the first event and then at
+    most ``batch_within_s`` for more. So a light load gets small batches soon, a heavy one
+    batches that grow until they amortise the per-batch work (up to ``batch_max_events``).
+    Events are acknowledged when the agent asks for the next batch (also after an error),
+    like Faust's ``take_events``; see :func:`adaptive_batches`.
+    """
+    faust_stream = cast(faust.Stream, stream)
+    batches = adaptive_batches(faust_stream, settings.batch_max_events, settings.batch_within_s)
+    # Like take_events: registered so that stopping the stream closes (and acks) it.
+    active = getattr(faust_stream, "_active_agens", None)
+    if active is not None:
+        active.add(batches)
+    return batches
 
 
 def minute_of(ts_ms: int) -> int:
@@ -398,3 +414,70 @@ class SegmentMix:
 def wall_ms() -> int:
     """Wall-clock time for *operational* fields only (``updated_at``), never for results."""
     return int(time.time() * 1000)
+
+
+async def adaptive_batches(
+    stream: faust.Stream, max_events: int, max_wait_s: float
+) -> AsyncIterator[list[faust.EventT]]:
+    """Faust's ``Stream.take_events`` with a deadline per batch instead of a fixed window.
+
+    ``take_events(n, within)`` waits ``within`` after every batch, even when events have been
+    waiting all along, and stops filling its buffer while the caller processes a batch, so
+    the events that queue meanwhile enter the buffer (at Faust's per-event cost) only during
+    the next wait. Here the stream keeps filling the next batch while the current one is
+    processed, and a batch is taken when it has ``max_events`` events or when its first event
+    has waited ``max_wait_s`` (at once if that passed while the caller was busy). Otherwise
+    the same contract: at most ``max_events`` per batch (the stream pauses while the next
+    batch is full), acks off while buffering, each batch's events acked after the caller is
+    done with it (in a ``finally``, so also when the body raised).
+    """
+    loop = asyncio.get_running_loop()
+    pending: list[faust.EventT] = []
+    first_at = 0.0  # loop time the first event of ``pending`` arrived
+    arrived = asyncio.Event()  # ``pending`` is not empty
+    full = asyncio.Event()  # ``pending`` has ``max_events`` events
+    room = asyncio.Event()  # ``pending`` has room
+    room.set()
+
+    async def add_to_buffer(value: Any) -> Any:
+        nonlocal first_at
+        event = stream.current_event
+        if event is None:
+            raise RuntimeError("adaptive_batches: stream has no current event")
+        while len(pending) >= max_events:
+            room.clear()
+            if await stream.wait_for_stopped(cast(Any, room)):
+                return value  # stopping: never acked, so the next owner gets it again
+        if not pending:
+            first_at = loop.time()
+            arrived.set()
+        pending.append(event)
+        if len(pending) >= max_events:
+            full.set()
+        return value
+
+    enable_acks = stream.enable_acks
+    stream.enable_acks = False  # acked here, per batch, once processed
+    stream.add_processor(add_to_buffer)
+    stream._enable_passive(cast(faust.ChannelT, aiter(stream.channel)))
+    try:
+        while not stream.should_stop:
+            if not pending:
+                arrived.clear()
+                await stream.wait_for_stopped(cast(Any, arrived), timeout=1.0)
+                continue
+            remaining = first_at + max_wait_s - loop.time()
+            if remaining > 0 and len(pending) < max_events:
+                await stream.wait_for_stopped(cast(Any, full), timeout=remaining)
+            batch = pending[:]
+            pending.clear()
+            full.clear()
+            room.set()
+            try:
+                yield batch
+            finally:
+                for event in batch:
+                    await stream.ack(event)
+    finally:
+        stream.enable_acks = enable_acks
+        stream._processors.remove(add_to_buffer)

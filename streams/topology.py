@@ -1,14 +1,19 @@
 """The whole borderflow topology on one screen: the Faust app, its topics and its tables.
 
     clicks        --> update_profiles_and_recs --> table user_profiles
-      (key user_id)                             --> Redis bf:profile:{u}, bf:recs:{u}, :meta
-                                                --> ClickHouse events_per_minute
+      (key user_id)                             --> Redis bf:profile:{u}, bf:recs:{u}, :meta,
+                                                    bf:fbt:{item}, bf:popular:{country}
+                                                --> ClickHouse rec_predictions,
+                                                    events_per_minute, segment_mix_per_hour
     payments      --> score_payments           --> ClickHouse fraud_scores, events_per_minute
       (key user_id)                             --> topic fraud-alerts (score >= threshold)
     fraud-labels  --> learn_fraud_labels       --> fraud model of the payment's partition
       (key user_id)                             --> ClickHouse fraud_labels
-    logistics     --> record_shipment_scans    --> ClickHouse shipment_events, events_per_minute
-      (key user_id)
+    logistics     --> track_shipments          --> tables user_shipments, user_profiles
+      (key user_id)                             --> Redis bf:shipment:{order}, bf:profile:{u}
+                                                --> topic logistics-alerts (delays)
+                                                --> ClickHouse shipment_events, shipments,
+                                                    shipment_predictions, events_per_minute
     any input that fails to decode or validate --> topic deadletter (reason + original bytes)
 
 All four input topics are keyed by user_id and have the same partition count, so one user's

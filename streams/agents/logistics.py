@@ -1,71 +1,249 @@
-"""Agent ``record_shipment_scans``.
+"""Agent ``track_shipments``.
 
 Input: topic ``logistics`` (key user_id, co-partitioned with ``clicks``), micro-batches.
-State: table ``user_profiles`` (each user's open shipments and delivery experience: average
-delivery days, late share) and the worker's delivery lanes
-(:class:`models.delivery.DeliveryLanes`, learned from completed deliveries; they steer the
-logistics-aware ranking of recommendations).
-Outputs: ClickHouse ``shipment_events`` (one row per scan) and ``events_per_minute``; Redis
-``bf:profile:{u}`` / ``bf:recs:{u}`` for users whose delivery experience changed; invalid
-scans to ``deadletter``.
-Guarantee: at-least-once; ``shipment_events`` is a ReplacingMergeTree on (order_id, event_id);
-profiles skip already-applied scan ids.
+State: table ``user_shipments`` (each user's :class:`models.shipments.ShipmentBook`: shipments
+in flight and recently completed, scans ordered by event time), table ``user_profiles``
+(delivery experience: deliveries, average days, late share, orders in flight), and the
+worker's :class:`models.delivery_time.LogisticsEngine` (delivery-time model, customs
+statistics) and delivery lanes inside :class:`models.serving.ServingModels`.
+Outputs: Redis ``bf:shipment:{order_id}`` (status in the user's language, predicted and
+promised delivery, delay risk; guarded by event time), ``bf:profile:{u}`` / ``bf:recs:{u}``
+of users whose delivery experience changed; topic ``logistics-alerts`` (delay alerts, at
+most one per shipment and kind); ClickHouse ``shipment_events`` (every scan),
+``shipment_predictions`` (every applied scan's prediction), ``shipments`` (completed orders)
+and ``events_per_minute``; invalid scans to ``deadletter``.
+Guarantee: at-least-once; books ignore scans they already hold, alerts are remembered in the
+book before they are sent, ClickHouse tables are ReplacingMergeTrees keyed by event or order.
+One read and one write per user and table per batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import faust
+import orjson
 
-from models.profile import UserProfile, apply_shipment_scan
-from schemas.events import LOGISTICS, LogisticsEvent
+from models.delivery_time import ScanReport
+from models.profile import UserProfile, record_delivery, record_scan
+from models.shipments import Shipment, ShipmentBook, status_text
+from schemas.events import LOGISTICS, LogisticsAlert, LogisticsEvent
 from streams.runtime import RollupCounter, Runtime, micro_batches, wall_ms
+
+HOUR_MS = 3_600_000
+
+
+def shipment_view(shipment: Shipment, lang: str, updated_at_ms: int) -> dict[str, Any]:
+    """The ``bf:shipment:{order_id}`` hash a storefront order page reads."""
+    return {
+        "order_id": shipment.order_id,
+        "user_id": shipment.user_id,
+        "status": shipment.status,
+        "status_text": status_text(shipment.status, lang, shipment.location),
+        "lang": lang or "en",
+        "last_scan_ts": shipment.status_ts,
+        "location": shipment.location or "",
+        "carrier": shipment.carrier,
+        "origin_country": shipment.origin_country,
+        "dest_country": shipment.dest_country,
+        "created_ts": shipment.created_ts,
+        "promised_ts": shipment.promised_ts or "",
+        "predicted_delivery_ts": shipment.predicted_delivery_ts or "",
+        "delay_risk": shipment.delay_risk,
+        "delivered_ts": shipment.delivered_ts or "",
+        "returned": int(shipment.returned),
+        "customs_holds": shipment.customs_holds,
+        "failed_attempts": shipment.failed_attempts,
+        "invalid_transitions": shipment.invalid_transitions,
+        "updated_at": updated_at_ms,
+    }
+
+
+def completion_row(shipment: Shipment, version_ts: int, ingested_at: int) -> tuple[Any, ...]:
+    """The ``shipments`` row of a completed (delivered or returned) order."""
+    delivered = shipment.delivered_ts > 0
+    completed_ts = shipment.delivered_ts if delivered else version_ts
+    has_promise = shipment.promised_ts > 0
+    on_time = delivered and has_promise and shipment.delivered_ts <= shipment.promised_ts
+    return (
+        shipment.order_id, shipment.user_id, shipment.carrier, shipment.origin_country,
+        shipment.dest_country, shipment.created_ts // 1000, completed_ts // 1000,
+        "delivered" if delivered else "returned",
+        round((shipment.delivered_ts - shipment.created_ts) / 86_400_000, 4) if delivered else 0.0,
+        int(has_promise), int(on_time),
+        round(shipment.customs_ms / HOUR_MS, 2), shipment.failed_attempts, int(shipment.returned),
+        shipment.invalid_transitions, version_ts, ingested_at,
+    )  # fmt: skip
+
+
+class _Batch:
+    """What one batch reads and changes, so each user's state is read and written once."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.books: dict[str, ShipmentBook] = {}
+        self.changed_books: set[str] = set()
+        self.profiles: dict[str, UserProfile] = {}
+        self.changed_profiles: set[str] = set()
+
+    def book(self, user_id: str) -> ShipmentBook:
+        book = self.books.get(user_id)
+        if book is None:
+            stored = self.runtime.topology.user_shipments.get(user_id.encode())
+            book = ShipmentBook.from_bytes(stored) if stored else ShipmentBook(user_id)
+            self.books[user_id] = book
+        return book
+
+    def profile(self, user_id: str) -> UserProfile:
+        profile = self.profiles.get(user_id)
+        if profile is None:
+            stored = self.runtime.topology.user_profiles.get(user_id.encode())
+            profile = UserProfile.from_bytes(stored) if stored else UserProfile.new(user_id)
+            self.profiles[user_id] = profile
+        return profile
 
 
 async def process_scans(runtime: Runtime, events: Sequence[faust.EventT]) -> int:
     scans = await runtime.decode(events, LogisticsEvent)
     serving = await runtime.serving_models()
-    table = runtime.topology.user_profiles
+    engine = serving.logistics
+    batch = _Batch(runtime)
     ingested_at = wall_ms() // 1000
-    rows = []
+    scan_rows: list[tuple[Any, ...]] = []
+    prediction_rows: list[tuple[Any, ...]] = []
+    completions: dict[str, tuple[Any, ...]] = {}
+    views: dict[str, Shipment] = {}
+    alerts: list[LogisticsAlert] = []
     rollup = RollupCounter(LOGISTICS)
-    changed: dict[str, UserProfile] = {}
     for _, scan in scans:
-        profile = changed.get(scan.user_id)
-        if profile is None:
-            stored = table.get(scan.user_id.encode())
-            profile = UserProfile.from_bytes(stored) if stored else UserProfile.new(scan.user_id)
-        applied, delivery = apply_shipment_scan(profile, scan)
-        if applied:
-            changed[scan.user_id] = profile
-        if delivery is not None:
-            serving.learn_delivery(delivery, scan.ts)
-        rows.append((
+        scan_rows.append((
             scan.event_id, scan.order_id, scan.user_id, scan.carrier, scan.origin_country,
             scan.dest_country, scan.status, scan.ts // 1000, scan.ts, scan.promised_ts or 0,
             scan.location or "", ingested_at,
         ))  # fmt: skip
         rollup.add(scan.ts, scan.status, scan.dest_country)
-    # The delivery experience is part of the profile the storefront reads.
-    await runtime.redis.write_user_states(
-        runtime.serve(changed), updated_at_ms=wall_ms(), processed={}
-    )
+        book = batch.book(scan.user_id)
+        report = engine.on_scan(book, scan)
+        if not report.applied:
+            continue  # a duplicate, or a scan of an order completed long ago
+        batch.changed_books.add(scan.user_id)
+        shipment = report.shipment
+        views[shipment.order_id] = shipment
+        alerts.extend(report.alerts)
+        _watch_customs(serving.customs_watch, shipment)
+        if report.predicted_delivery_ts and not shipment.completed:
+            prediction_rows.append((
+                scan.event_id, scan.order_id, scan.ts // 1000, scan.ts, shipment.status,
+                shipment.carrier, shipment.origin_country, shipment.dest_country,
+                report.predicted_delivery_ts, shipment.promised_ts, report.delay_risk,
+                ingested_at,
+            ))  # fmt: skip
+        if shipment.completed:
+            completions[shipment.order_id] = completion_row(shipment, scan.ts, ingested_at)
+        _update_profile(batch, scan, book, report)
+        if report.delivered is not None:
+            serving.learn_delivery(report.delivered)
+
+    alerts.extend(_overdue_customs(batch, engine.watermark_ms))
+    await _publish(runtime, batch, views, alerts)
     await runtime.finish_batch(
         events,
-        {"shipment_events": rows, "events_per_minute": rollup.rows()},
+        {
+            "shipment_events": scan_rows,
+            "shipment_predictions": prediction_rows,
+            "shipments": list(completions.values()),
+            "events_per_minute": rollup.rows(),
+        },
         {LOGISTICS: len(scans)},
     )
     return len(scans)
+
+
+def _update_profile(
+    batch: _Batch, scan: LogisticsEvent, book: ShipmentBook, report: ScanReport
+) -> None:
+    profile = batch.profile(scan.user_id)
+    record_scan(profile, scan.ts, scan.event_id, len(book.open))
+    if report.delivered is not None:
+        record_delivery(profile, report.delivered.transit_days, report.delivered.on_time)
+    if report.returned:
+        profile.returned_shipments += 1
+    batch.changed_profiles.add(scan.user_id)
+
+
+def _watch_customs(watch: dict[str, list[Any]], shipment: Shipment) -> None:
+    if shipment.in_customs_hold and "customs_delay" not in shipment.alerted:
+        watch[shipment.order_id] = [
+            shipment.user_id, shipment.hold_start_ts, shipment.origin_country,
+            shipment.dest_country,
+        ]  # fmt: skip
+    else:
+        watch.pop(shipment.order_id, None)
+
+
+def _overdue_customs(batch: _Batch, watermark_ms: int) -> list[LogisticsAlert]:
+    """Customs holds that outlasted the usual for their route by the event-time watermark,
+    including holds whose shipments got no scan in this batch (their books are read only
+    once overdue)."""
+    serving = batch.runtime.serving
+    engine = serving.logistics
+    table = batch.runtime.topology.user_shipments
+    alerts: list[LogisticsAlert] = []
+    for order_id, (user_id, hold_start_ts, origin, dest) in list(serving.customs_watch.items()):
+        threshold = engine.customs_threshold_ms(origin, dest)
+        if threshold is None or watermark_ms - hold_start_ts <= threshold:
+            continue
+        del serving.customs_watch[order_id]
+        if user_id not in batch.books and table.get(user_id.encode()) is None:
+            continue  # the user's partition moved to another worker
+        book = batch.book(user_id)
+        raised = engine.overdue_customs(book, watermark_ms)
+        if raised:
+            alerts.extend(raised)
+            batch.changed_books.add(user_id)
+    return alerts
+
+
+async def _publish(
+    runtime: Runtime,
+    batch: _Batch,
+    views: Mapping[str, Shipment],
+    alerts: list[LogisticsAlert],
+) -> None:
+    # Tables first, before any await: the clicks agent writes the same profiles between our
+    # awaits, so a profile read at the start of this batch must be stored before it can go
+    # stale. Faust sends the changelog records after the alerts below are handed to the
+    # producer; alert ids are stable ({order_id}:{kind}) for consumers to deduplicate.
+    topology = runtime.topology
+    for user_id in batch.changed_books:
+        topology.user_shipments[user_id.encode()] = batch.books[user_id].to_bytes()
+    changed = {user_id: batch.profiles[user_id] for user_id in batch.changed_profiles}
+    states = runtime.serve(changed)
+    langs = {
+        user_id: batch.profile(user_id).lang for user_id in {s.user_id for s in views.values()}
+    }
+
+    for alert in alerts:
+        await topology.logistics_alerts.send(
+            key=alert.user_id.encode(), value=orjson.dumps(alert.model_dump())
+        )
+    updated_at = wall_ms()
+    ttl_s = int(runtime.settings.shipment_ttl_days * 86_400)
+    await runtime.redis.write_shipments(
+        [shipment_view(s, langs[s.user_id], updated_at) for s in views.values()], ttl_s=ttl_s
+    )
+    # The delivery experience is part of the profile the storefront reads.
+    await runtime.redis.write_user_states(states, updated_at_ms=updated_at, processed={})
 
 
 def register(runtime: Runtime) -> faust.types.AgentT:
     topology = runtime.topology
     settings = runtime.settings
 
-    @topology.app.agent(topology.logistics, name="record_shipment_scans")
-    async def record_shipment_scans(stream: faust.StreamT) -> None:
+    @topology.app.agent(topology.logistics, name="track_shipments")
+    async def track_shipments(stream: faust.StreamT) -> None:
         async for events in micro_batches(stream, settings):
             await process_scans(runtime, events)
 
-    return record_shipment_scans
+    return track_shipments

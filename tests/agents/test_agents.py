@@ -22,6 +22,7 @@ import pytest
 
 from models.fraud import HOUR_MS
 from models.profile import UserProfile
+from models.shipments import status_text
 from schemas.config import Settings
 from schemas.events import DeadLetter, FraudAlert
 from sinks.clickhouse import TABLE_COLUMNS, ClickHouseWriter
@@ -77,6 +78,7 @@ class FakeRedisStore:
         self.alerts: list[bytes] = []
         self.item_lists: dict[str, list[tuple[str, float]]] = {}
         self.popular_lists: dict[str, list[tuple[str, float]]] = {}
+        self.shipments: dict[str, dict[str, Any]] = {}
 
     async def write_user_states(
         self, states: Iterable[UserState], *, updated_at_ms: int, processed: Mapping[str, int]
@@ -99,6 +101,18 @@ class FakeRedisStore:
         self, app_id: str, partition: int, blob: bytes, meta: Mapping[str, Any]
     ) -> None:
         self.checkpoints[(app_id, partition)] = blob
+
+    async def write_shipments(
+        self, shipments: Iterable[Mapping[str, Any]], *, ttl_s: int = 0
+    ) -> list[int]:
+        results = []
+        for fields in shipments:  # the same event-time guard as the Lua script
+            stored = self.shipments.get(str(fields["order_id"]))
+            ok = stored is None or int(stored["last_scan_ts"]) <= int(fields["last_scan_ts"])
+            if ok:
+                self.shipments[str(fields["order_id"])] = dict(fields)
+            results.append(int(ok))
+        return results
 
     async def load_serving_checkpoint(self, app_id: str) -> bytes | None:
         return self.serving_checkpoints.get(app_id)
@@ -174,6 +188,7 @@ class Harness:
     deadletters: list[dict[str, Any]]
     alerts: list[tuple[bytes, dict[str, Any]]]
     table_writes: Counter[bytes]
+    logistics_alerts: list[tuple[bytes, dict[str, Any]]]
     offsets: Counter[tuple[str, int]] = field(default_factory=Counter)
 
     def event(
@@ -228,6 +243,12 @@ async def harness(monkeypatch: pytest.MonkeyPatch) -> Harness:
 
     monkeypatch.setattr(topology.deadletter, "send", send_deadletter)
     monkeypatch.setattr(topology.fraud_alerts, "send", send_alert)
+    logistics_alerts: list[tuple[bytes, dict[str, Any]]] = []
+
+    async def send_logistics_alert(*, key: bytes, value: bytes, **_: Any) -> None:
+        logistics_alerts.append((key, orjson.loads(value)))
+
+    monkeypatch.setattr(topology.logistics_alerts, "send", send_logistics_alert)
 
     # Writing to the Faust table works outside a worker (the changelog record is only
     # buffered), so the real table is used; its per-key set hook is wrapped to count writes.
@@ -244,7 +265,9 @@ async def harness(monkeypatch: pytest.MonkeyPatch) -> Harness:
     # The consumer's high-water marks only exist in a running worker: treat the label
     # stream as caught up (what a worker reports once it has read every label).
     monkeypatch.setattr(runtime, "labels_caught_up", lambda partition: True)
-    return Harness(runtime, settings, redis, writer, deadletters, alerts, table_writes)
+    return Harness(
+        runtime, settings, redis, writer, deadletters, alerts, table_writes, logistics_alerts
+    )
 
 
 _ids = itertools.count()
@@ -524,7 +547,133 @@ async def test_deliveries_update_the_profile_and_steer_recs_to_fast_lanes(
     )
     assert harness.redis.state_writes[-1] == []
     ghost = UserProfile.from_bytes(harness.runtime.topology.user_profiles[b"ghost"])
-    assert list(ghost.open_shipments) == ["g1"]
+    assert ghost.open_shipments == 1
+
+
+async def test_a_journey_with_a_late_and_a_repeated_scan_ends_in_the_right_state(
+    harness: Harness,
+) -> None:
+    hour = 3_600_000
+    promised = T0 + 5 * 86_400_000
+    journey = [
+        scan("u7", "o7", status, T0 + k * 10 * hour, promised_ts=promised, location=place)
+        for k, (status, place) in enumerate(
+            [
+                ("created", "Shenzhen, CN"),
+                ("picked", "Shenzhen, CN"),
+                ("departed", "Shenzhen, CN"),
+                ("arrived_hub", "Frankfurt, DE"),
+                ("out_for_delivery", "Berlin, DE"),
+                ("delivered", "Berlin, DE"),
+            ]
+        )
+    ]
+    await process_clicks(harness.runtime, [harness.event("clicks", click("u7", T0, lang="de"))])
+    # The pick-up scan arrives last (out of order), the departure scan twice.
+    order = [journey[0], journey[2], journey[3], journey[2], journey[4], journey[5], journey[1]]
+    for value in order[:4]:
+        await process_scans(harness.runtime, [harness.event("logistics", value)])
+    view = harness.redis.shipments["o7"]
+    assert (view["status"], view["lang"], view["location"]) == (
+        "arrived_hub",
+        "de",
+        "Frankfurt, DE",
+    )
+    assert view["status_text"] == status_text("arrived_hub", "de", "Frankfurt, DE")
+    assert view["status_text"] != status_text("arrived_hub", "en", "Frankfurt, DE")
+    # Nothing delivered has been learned yet: no prediction rather than a guess.
+    assert view["predicted_delivery_ts"] == "" and view["promised_ts"] == promised
+    await process_scans(harness.runtime, [harness.event("logistics", v) for v in order[4:]])
+    view = harness.redis.shipments["o7"]
+    assert view["status"] == "delivered"
+    assert view["delivered_ts"] == journey[5]["ts"]
+    assert view["last_scan_ts"] == journey[5]["ts"]  # the late pick-up did not move it back
+    assert view["invalid_transitions"] == 0
+    assert view["status_text"] == status_text("delivered", "de", "Berlin, DE")
+    # Exactly one completion row: the order, delivered on time, 50 hours after creation.
+    [row] = harness.writer.table("shipments")
+    assert (row["order_id"], row["outcome"], row["on_time"], row["has_promise"]) == (
+        "o7",
+        "delivered",
+        1,
+        1,
+    )
+    assert row["transit_days"] == pytest.approx(50 / 24, abs=1e-3)
+    events = [r["event_id"] for r in harness.writer.table("shipment_events")]
+    assert len(events) == 7 and len(set(events)) == 6  # the repeat is a fact row again
+    assert harness.writer.table("shipment_predictions") == []  # nothing learned to predict with
+    profile = UserProfile.from_bytes(harness.runtime.topology.user_profiles[b"u7"])
+    assert (profile.deliveries, profile.open_shipments, profile.late_deliveries) == (1, 0, 0)
+    assert harness.logistics_alerts == []
+
+
+async def test_a_delayed_shipment_raises_exactly_one_alert(harness: Harness) -> None:
+    hour = 3_600_000
+    day = 24 * hour
+    engine = harness.runtime.serving.logistics
+    # Teach the engine that CN -> DE takes about 8 days (warm-up deliveries).
+    history = []
+    for k in range(40):
+        start = T0 - 60 * day + k * hour
+        history += [
+            scan(f"h{k}", f"h{k}", "created", start),
+            scan(f"h{k}", f"h{k}", "departed", start + day),
+            scan(f"h{k}", f"h{k}", "arrived_hub", start + 6 * day),
+            scan(f"h{k}", f"h{k}", "delivered", start + 8 * day),
+        ]
+    await process_scans(harness.runtime, [harness.event("logistics", v) for v in history])
+    assert engine.counters["deliveries"] == 40
+    # Promised in 3 days: the model expects about 8, so it is late from the first scan on.
+    promised = T0 + 3 * day
+    late = [
+        scan("u8", "o8", "created", T0, promised_ts=promised),
+        scan("u8", "o8", "departed", T0 + day, promised_ts=promised),
+        scan("u8", "o8", "arrived_hub", T0 + 6 * day, promised_ts=promised),
+    ]
+    for value in late:
+        await process_scans(harness.runtime, [harness.event("logistics", value)])
+    await process_scans(harness.runtime, [harness.event("logistics", late[1])])  # redelivered
+    assert len(harness.logistics_alerts) == 1
+    key, alert = harness.logistics_alerts[0]
+    assert key == b"u8"
+    assert (alert["alert_id"], alert["kind"], alert["order_id"]) == (
+        "o8:predicted_late",
+        "predicted_late",
+        "o8",
+    )
+    assert alert["promised_ts"] == promised and alert["predicted_delivery_ts"] > promised
+    assert "promised" in alert["reason"]
+    assert float(harness.redis.shipments["o8"]["delay_risk"]) > 0.5
+    rows = [r for r in harness.writer.table("shipment_predictions") if r["order_id"] == "o8"]
+    assert [r["status"] for r in rows] == ["created", "departed", "arrived_hub"]
+    assert all(r["predicted_delivery_ts_ms"] > promised for r in rows)
+
+
+async def test_a_customs_hold_without_further_scans_alerts_once_overdue(harness: Harness) -> None:
+    hour = 3_600_000
+    day = 24 * hour
+    # 30 finished holds of about 10 hours teach what "usual" is for CN -> DE.
+    history = []
+    for k in range(30):
+        start = T0 - 30 * day + k * hour
+        history += [
+            scan(f"c{k}", f"c{k}", "created", start),
+            scan(f"c{k}", f"c{k}", "customs_hold", start + 2 * day),
+            scan(f"c{k}", f"c{k}", "customs_cleared", start + 2 * day + 10 * hour),
+        ]
+    await process_scans(harness.runtime, [harness.event("logistics", v) for v in history])
+    held = [scan("u9", "o9", "created", T0), scan("u9", "o9", "customs_hold", T0 + day)]
+    await process_scans(harness.runtime, [harness.event("logistics", v) for v in held])
+    assert harness.logistics_alerts == []
+    # Other users' scans move event time on; o9 itself gets no scan.
+    later = scan("x1", "x1", "created", T0 + day + 5 * day)
+    await process_scans(harness.runtime, [harness.event("logistics", later)])
+    kinds = [(a["order_id"], a["kind"]) for _, a in harness.logistics_alerts]
+    assert kinds == [("o9", "customs_delay")]
+    await process_scans(
+        harness.runtime, [harness.event("logistics", scan("x2", "x2", "created", T0 + 9 * day))]
+    )
+    assert len(harness.logistics_alerts) == 1  # once per shipment and kind
 
 
 async def test_serving_models_are_restored_from_their_checkpoint(harness: Harness) -> None:

@@ -9,10 +9,10 @@ import pytest
 from models.catalog import ItemCatalog
 from models.delivery import DeliveryLanes
 from models.fbt import FrequentlyBoughtTogether
-from models.profile import UserProfile, apply_click, apply_shipment_scan, price_band_of
+from models.profile import UserProfile, apply_click, price_band_of, record_delivery, record_scan
 from models.rerank import RerankPolicy, rerank
 from models.serving import ServingModels
-from schemas.events import ClickEvent, LogisticsEvent
+from schemas.events import ClickEvent
 
 T0 = 1_767_268_800_000
 DAY = 86_400_000
@@ -163,55 +163,21 @@ def test_dwell_and_session_depth_come_from_event_times() -> None:
     assert data["session_depth"] == 1
 
 
-def make_scan(i: int, order: str, status: str, ts: int, **fields: object) -> LogisticsEvent:
-    base = {
-        "event_id": f"sc{i}",
-        "ts": ts,
-        "user_id": "u1",
-        "order_id": order,
-        "carrier": "dhl",
-        "origin_country": "CN",
-        "dest_country": "DE",
-        "status": status,
-    }
-    base.update(fields)
-    return LogisticsEvent.model_validate(base)
-
-
-def test_shipment_scans_build_the_delivery_experience() -> None:
+def test_scans_and_deliveries_build_the_delivery_experience() -> None:
     profile = UserProfile.new("u1")
     assert profile.to_redis_hash()["avg_delivery_days"] == ""
-    assert apply_shipment_scan(profile, make_scan(1, "o1", "picked", T0 + DAY)) == (True, None)
-    # Out of order: the created scan arrives after the pick-up scan.
-    apply_shipment_scan(profile, make_scan(2, "o1", "created", T0, promised_ts=T0 + 5 * DAY))
-    applied, delivery = apply_shipment_scan(profile, make_scan(3, "o1", "delivered", T0 + 6 * DAY))
-    assert applied and delivery is not None
-    assert (delivery.days, delivery.late, delivery.origin_country) == (6.0, True, "CN")
-    assert apply_shipment_scan(profile, make_scan(3, "o1", "delivered", T0 + 6 * DAY)) == (
-        False,
-        None,
-    )
-    # Delivered without an earlier scan: nothing to measure.
-    assert apply_shipment_scan(profile, make_scan(4, "o2", "delivered", T0)) == (True, None)
-    apply_shipment_scan(profile, make_scan(5, "o3", "created", T0, promised_ts=T0 + 5 * DAY))
-    apply_shipment_scan(profile, make_scan(6, "o3", "delivered", T0 + 2 * DAY))
-    apply_shipment_scan(profile, make_scan(7, "o4", "created", T0))
-    apply_shipment_scan(profile, make_scan(8, "o4", "returned", T0 + DAY))
+    record_scan(profile, T0 + DAY, "sc2", open_shipments=2)
+    record_scan(profile, T0, "sc1", open_shipments=1)  # an older scan: freshness stays
+    assert profile.freshness() == (T0 + DAY, "sc2")
+    record_delivery(profile, 6.0, on_time=False)
+    record_delivery(profile, 2.0, on_time=True)
+    record_delivery(profile, 4.0, on_time=None)  # no promise: not late
     data = profile.to_redis_hash()
-    assert data["deliveries"] == 2
+    assert data["deliveries"] == 3
     assert data["avg_delivery_days"] == pytest.approx(4.0)
-    assert data["late_delivery_share"] == pytest.approx(0.5)
-    assert data["open_shipments"] == 0
-    assert profile.returned_shipments == 1
-    assert profile.freshness() == (T0 + 6 * DAY, "sc3")
-
-
-def test_open_shipments_are_bounded() -> None:
-    profile = UserProfile.new("u1")
-    for i in range(30):
-        apply_shipment_scan(profile, make_scan(i, f"o{i}", "created", T0 + i))
-    assert len(profile.open_shipments) == 20
-    assert "o0" not in profile.open_shipments and "o29" in profile.open_shipments
+    assert data["late_delivery_share"] == pytest.approx(1 / 3, abs=1e-4)
+    assert data["open_shipments"] == 1
+    assert data["last_event_ts"] == T0 + DAY
 
 
 # -- the recommendation policy -------------------------------------------------------------------
