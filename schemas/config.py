@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     #: ``memory://`` (state rebuilt from changelog topics at start) or ``rocksdb://``.
     store: str = "memory://"
     worker_web_port: int = 16066
-    #: Micro-batch: at most this many events, waiting at most ``batch_within_s`` seconds.
+    #: Micro-batch: at most this many events; a batch is taken when the agent is free and
+    #: its first event has waited ``batch_within_s`` (at once if that passed meanwhile).
     batch_max_events: int = Field(default=1000, ge=1)
     batch_within_s: float = Field(default=0.05, ge=0)
     #: Broker session timeout; Tansu needs a short one for a quick group join.
