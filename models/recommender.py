@@ -52,6 +52,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from operator import itemgetter
 
 from models.decay import GrowingWeight
 
@@ -380,9 +381,11 @@ class SessionRecommender:
         """Keep what each source said about the strongest candidates until the next click."""
         keep = CALIBRATION_CANDIDATES
         trans, neigh = parts
-        best = heapq.nlargest(
-            keep, set(trans).union(neigh), key=lambda i: (trans.get(i, 0.0) + neigh.get(i, 0.0), i)
-        )
+        combined = dict(trans)
+        for item_id, p in neigh.items():
+            combined[item_id] = combined.get(item_id, 0.0) + p
+        # Ties keep insertion order (deterministic); no per-item key tuple on the hot path.
+        best = [i for i, _ in heapq.nlargest(keep, combined.items(), key=itemgetter(1))]
         self._pending.pop(key, None)
         self._pending[key] = {i: (trans.get(i, 0.0), neigh.get(i, 0.0)) for i in best}
         if len(self._pending) > CALIBRATION_SESSIONS:

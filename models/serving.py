@@ -38,7 +38,7 @@ from models.segments import RfmSegmenter
 from schemas.events import ClickEvent
 
 #: Candidates asked from the recommender per final slot, so re-ranking has room to choose.
-CANDIDATES_PER_SLOT = 3
+CANDIDATES_PER_SLOT = 2
 
 
 def session_key(profile: UserProfile, click: ClickEvent | None = None) -> str:
@@ -148,14 +148,16 @@ class ServingModels:
                 if country and country in self.recommender.popularity
                 else "popular-global"
             )
+        by_origin: dict[str | None, float | None] = {}
+
+        def expected_days(item_id: str) -> float | None:
+            origin = self.catalog.origin(item_id)
+            if origin not in by_origin:  # a list has few origins: ask the lanes once each
+                by_origin[origin] = self.lanes.expected_days(origin, country)
+            return by_origin[origin]
+
         items = rerank(
-            candidates,
-            n,
-            policy=policy,
-            category_of=self._category,
-            expected_days=lambda item_id: self.lanes.expected_days(
-                self.catalog.origin(item_id), country
-            ),
+            candidates, n, policy=policy, category_of=self._category, expected_days=expected_days
         )
         return Recommendation(items, profile.personalisation, basis)
 

@@ -8,7 +8,7 @@ worker's :class:`models.delivery_time.LogisticsEngine` (delivery-time model, cus
 statistics) and delivery lanes inside :class:`models.serving.ServingModels`.
 Outputs: Redis ``bf:shipment:{order_id}`` (status in the user's language, predicted and
 promised delivery, delay risk; guarded by event time), ``bf:profile:{u}`` / ``bf:recs:{u}``
-of users whose delivery experience changed; topic ``logistics-alerts`` (delay alerts, at
+of users with a delivery or return in the batch; topic ``logistics-alerts`` (delay alerts, at
 most one per shipment and kind); ClickHouse ``shipment_events`` (every scan),
 ``shipment_predictions`` (every applied scan's prediction), ``shipments`` (completed orders)
 and ``events_per_minute``; invalid scans to ``deadletter``.
@@ -86,6 +86,8 @@ class _Batch:
         self.changed_books: set[str] = set()
         self.profiles: dict[str, UserProfile] = {}
         self.changed_profiles: set[str] = set()
+        #: Users whose delivery experience changed: their storefront keys are rewritten.
+        self.experience_changed: set[str] = set()
 
     def book(self, user_id: str) -> ShipmentBook:
         book = self.books.get(user_id)
@@ -170,6 +172,8 @@ def _update_profile(
     if report.returned:
         profile.returned_shipments += 1
     batch.changed_profiles.add(scan.user_id)
+    if report.delivered is not None or report.returned:
+        batch.experience_changed.add(scan.user_id)
 
 
 def _watch_customs(watch: dict[str, list[Any]], shipment: Shipment) -> None:
@@ -218,8 +222,16 @@ async def _publish(
     topology = runtime.topology
     for user_id in batch.changed_books:
         topology.user_shipments[user_id.encode()] = batch.books[user_id].to_bytes()
-    changed = {user_id: batch.profiles[user_id] for user_id in batch.changed_profiles}
-    states = runtime.serve(changed)
+    # Recs and the profile hash are recomputed when the delivery experience changed; other
+    # scans only move the profile's freshness and orders in flight, stored in the table and
+    # served with the user's next click or delivery (a recommendation costs far more than
+    # a scan).
+    table = topology.user_profiles
+    for user_id in batch.changed_profiles - batch.experience_changed:
+        table[user_id.encode()] = batch.profiles[user_id].to_bytes()
+    states = runtime.serve(
+        {user_id: batch.profiles[user_id] for user_id in batch.experience_changed}
+    )
     langs = {
         user_id: batch.profile(user_id).lang for user_id in {s.user_id for s in views.values()}
     }
