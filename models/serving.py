@@ -187,9 +187,11 @@ class ServingModels:
         return models
 
     def stats(self) -> dict[str, int]:
+        """Sizes, and the logistics engine's counters (scans, duplicates, out_of_order,
+        invalid_transitions, deliveries, returns, alerts_*) prefixed ``logistics_``."""
         return {
             "items": len(self.catalog),
             "lanes": len(self.lanes.table()),
             "fbt_items": len(self.fbt.pairs),
-            "deliveries_learned": self.logistics.counters["deliveries"],
+            **{f"logistics_{name}": value for name, value in self.logistics.counters.items()},
         }

@@ -75,6 +75,7 @@ class FakeRedisStore:
         self.latencies: list[tuple[str, list[float]]] = []
         self.checkpoints: dict[tuple[str, int], bytes] = {}
         self.serving_checkpoints: dict[str, bytes] = {}
+        self.serving_meta: dict[str, Any] = {}
         self.alerts: list[bytes] = []
         self.item_lists: dict[str, list[tuple[str, float]]] = {}
         self.popular_lists: dict[str, list[tuple[str, float]]] = {}
@@ -121,6 +122,7 @@ class FakeRedisStore:
         self, app_id: str, blob: bytes, meta: Mapping[str, Any]
     ) -> None:
         self.serving_checkpoints[app_id] = blob
+        self.serving_meta = dict(meta)
 
     async def write_item_lists(
         self, lists: Mapping[str, list[tuple[str, float]]], *, kind: str = "fbt"
@@ -605,6 +607,11 @@ async def test_a_journey_with_a_late_and_a_repeated_scan_ends_in_the_right_state
     profile = UserProfile.from_bytes(harness.runtime.topology.user_profiles[b"u7"])
     assert (profile.deliveries, profile.open_shipments, profile.late_deliveries) == (1, 0, 0)
     assert harness.logistics_alerts == []
+    # Operators see the repeat and the late scan in the checkpoint's counters.
+    await harness.runtime.checkpoint_serving_models()
+    meta = harness.redis.serving_meta
+    assert (meta["logistics_duplicates"], meta["logistics_out_of_order"]) == (1, 1)
+    assert (meta["logistics_invalid_transitions"], meta["logistics_deliveries"]) == (0, 1)
 
 
 async def test_a_delayed_shipment_raises_exactly_one_alert(harness: Harness) -> None:

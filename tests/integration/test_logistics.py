@@ -5,10 +5,12 @@ One worker serves the module; each test uses its own order and user ids.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -241,3 +243,17 @@ def _route_truth(values: list[dict[str, Any]]) -> dict[tuple[str, str, str], tup
         route: (s[0], s[1], s[2], sum(s[3]) / len(s[3]) if s[3] else 0.0, s[4], s[5])
         for route, s in per_route.items()
     }
+
+
+COOKBOOK = Path(__file__).resolve().parents[2] / "docs" / "cookbook.md"
+
+
+def test_every_cookbook_query_runs(logistics: Settings) -> None:
+    """The analyst cookbook's SQL runs as written; the logistics queries find this module's
+    shipments (the ones without a date filter: the test data is from January 2026)."""
+    queries = re.findall(r"```sql\n(.*?)```", COOKBOOK.read_text(), flags=re.S)
+    assert len(queries) >= 8
+    for sql in queries:
+        rows = query(logistics, sql)
+        if "shipment" in sql and "today()" not in sql:
+            assert rows, sql
