@@ -152,6 +152,7 @@ def _register_optional_commands() -> None:
     from infra.evaluate import eval_cli
     from infra.generator import generate_command
     from infra.replay import replay_command
+    from infra.retention import retention_command
     from infra.stack import stack_cli
 
     cli.add_command(stack_cli)
@@ -159,6 +160,7 @@ def _register_optional_commands() -> None:
     cli.add_command(replay_command)
     cli.add_command(eval_cli)
     cli.add_command(alerts_cli)
+    cli.add_command(retention_command)
 
 
 _register_optional_commands()
