@@ -21,12 +21,14 @@ help: ## Show this list.
 setup: system-packages $(SETUP_STAMP) ## Install Debian packages (as root) and the venv; starts nothing.
 
 # Debian packages: redis-server and clickhouse-server run the local stack, clickhouse-client is
-# for poking at it; python3-venv provides ensurepip, which bare Debian lacks for `-m venv`.
+# for poking at it; python3-venv provides ensurepip, which bare Debian lacks for `-m venv`;
+# chromium (headless) renders `borderflow report` in its test.
 system-packages:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	[ -x /usr/sbin/clickhouse-server ] || missing="$$missing clickhouse-server"; \
 	command -v clickhouse-client >/dev/null || missing="$$missing clickhouse-client"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ ! -x $(PYTHON) ] && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
 		missing="$$missing python3-venv"; \
 	fi; \

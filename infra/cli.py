@@ -152,6 +152,7 @@ def _register_optional_commands() -> None:
     from infra.evaluate import eval_cli
     from infra.generator import generate_command
     from infra.replay import replay_command
+    from infra.report import report_command
     from infra.retention import retention_command
     from infra.stack import stack_cli
 
@@ -160,6 +161,7 @@ def _register_optional_commands() -> None:
     cli.add_command(replay_command)
     cli.add_command(eval_cli)
     cli.add_command(alerts_cli)
+    cli.add_command(report_command)
     cli.add_command(retention_command)
 
 

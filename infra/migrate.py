@@ -60,6 +60,24 @@ def clickhouse_client(settings: Settings, database: str | None = None) -> Client
     return sinks_clickhouse_client(settings, database or "default")
 
 
+#: ClickHouse's "Cannot add column: column with this name already exists".
+_COLUMN_EXISTS = 44
+
+
+def _execute_idempotently(client: Client, statement: str) -> None:
+    """Run one statement; an ``ADD COLUMN`` that already happened is done, not an error.
+
+    18.16 has no ``ADD COLUMN IF NOT EXISTS``: without this, a migration interrupted after
+    its ALTER could never be re-run.
+    """
+    try:
+        client.execute(statement)
+    except ClickHouseError as exc:
+        is_add_column = re.match(r"\s*ALTER\s+TABLE\b.*\bADD\s+COLUMN\b", statement, re.I | re.S)
+        if not (is_add_column and getattr(exc, "code", None) == _COLUMN_EXISTS):
+            raise
+
+
 def migrate(settings: Settings) -> list[str]:
     """Apply missing migrations; return the names applied (empty when up to date)."""
     database = settings.clickhouse_database
@@ -91,7 +109,7 @@ def migrate(settings: Settings) -> list[str]:
                     )
                 continue
             for statement in migration.statements():
-                client.execute(statement)
+                _execute_idempotently(client, statement)
             client.execute(
                 "INSERT INTO schema_migrations (version, name, checksum, applied_at) VALUES",
                 [(migration.version, migration.name, migration.checksum, datetime.now(UTC))],

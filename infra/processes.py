@@ -24,6 +24,8 @@ from sinks.redis_store import RedisStore
 class WorkerProcess:
     process: subprocess.Popen[bytes]
     log_path: Path
+    #: Port of the worker's web server (/metrics, /health) when the caller chose it.
+    web_port: int | None = None
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.process.poll() is None:
@@ -35,20 +37,24 @@ class WorkerProcess:
                 self.process.wait(10)
 
 
-def start_worker(settings: Settings, log_dir: Path, name: str) -> WorkerProcess:
-    """Start ``borderflow worker`` for ``settings`` as a child process (own web port)."""
+def start_worker(
+    settings: Settings, log_dir: Path, name: str, *, web_port: int | None = None
+) -> WorkerProcess:
+    """Start ``borderflow worker`` for ``settings`` as a child process: its web server on
+    ``web_port`` when given, else on any free port."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     env = {**os.environ, **settings.to_env()}
     log_file = log_path.open("wb")
+    command = [sys.executable, "-m", "infra.cli", "worker", "--loglevel", "warning"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "infra.cli", "worker", "--web-port", "0", "--loglevel", "warning"],
+        [*command, "--web-port", str(web_port or 0)],
         env=env,
         stdout=log_file,
         stderr=subprocess.STDOUT,
         cwd=Path(__file__).resolve().parent.parent,
     )
-    return WorkerProcess(process, log_path)
+    return WorkerProcess(process, log_path, web_port)
 
 
 def isolated(settings: Settings, label: str, **updates: Any) -> Settings:

@@ -101,6 +101,16 @@ class UserProfile:
     #: time of the state they were computed for.
     served_recs: list[str] = field(default_factory=list)
     served_at_ts: int = 0
+    #: event_id -> [hit rank, recs size, personalised, served at ts] of recently scored
+    #: clicks, so a click replayed after a crash gets the same rec_predictions row.
+    scored: dict[str, list[int]] = field(default_factory=dict)
+
+    def remember_score(
+        self, event_id: str, rank: int, recs_size: int, personalised: int, served_at_ts: int
+    ) -> None:
+        self.scored[event_id] = [rank, recs_size, personalised, served_at_ts]
+        if len(self.scored) > RECENT_EVENT_IDS:
+            del self.scored[next(iter(self.scored))]
 
     @classmethod
     def new(cls, user_id: str) -> UserProfile:

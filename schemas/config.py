@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     #: its first event has waited ``batch_within_s`` (at once if that passed meanwhile).
     batch_max_events: int = Field(default=1000, ge=1)
     batch_within_s: float = Field(default=0.05, ge=0)
+    #: How often the worker commits consumed offsets (of batches whose rows are durable).
+    broker_commit_interval_s: float = Field(default=1.0, gt=0)
     #: Broker session timeout; Tansu needs a short one for a quick group join.
     broker_session_timeout_s: float = 6.0
     broker_heartbeat_interval_s: float = 1.0

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from clickhouse_driver import Client
 
@@ -28,17 +28,26 @@ from schemas.config import Settings
 
 log = logging.getLogger(__name__)
 
+#: Where a fact row came from: its event's partition and the offset after it (fact tables).
+SOURCE_COLUMNS = ("src_partition", "src_next_offset")
+
 #: Column order of every table the pipeline writes (the contract in docs/contracts.md).
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "click_events": (
+        "event_id", "ts", "ts_ms", "user_id", "session_id", "click_type", "item_id", "category",
+        "country", "amount_usd", "segment", "ingested_at", *SOURCE_COLUMNS,
+    ),
     "fraud_scores": (
         "txn_id", "user_id", "card_id", "merchant_id", "ts", "ts_ms", "amount", "currency",
         "amount_usd", "score", "is_alert", "threshold", "reasons", "model_version",
-        "billing_country", "shipping_country", "ip_country", "scored_at",
+        "billing_country", "shipping_country", "ip_country", "scored_at", *SOURCE_COLUMNS,
     ),
-    "fraud_labels": ("txn_id", "user_id", "label", "ts", "ts_ms", "source", "ingested_at"),
+    "fraud_labels": (
+        "txn_id", "user_id", "label", "ts", "ts_ms", "source", "ingested_at", *SOURCE_COLUMNS,
+    ),
     "shipment_events": (
         "event_id", "order_id", "user_id", "carrier", "origin_country", "dest_country", "status",
-        "ts", "ts_ms", "promised_ts_ms", "location", "ingested_at",
+        "ts", "ts_ms", "promised_ts_ms", "location", "ingested_at", *SOURCE_COLUMNS,
     ),
     "events_per_minute": ("minute", "topic", "event_type", "country", "events", "amount_usd"),
     "segment_mix_per_hour": ("hour", "country", "segment", "purchases", "revenue_usd"),
@@ -46,16 +55,26 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "order_id", "user_id", "carrier", "origin_country", "dest_country", "created_ts",
         "completed_ts", "outcome", "transit_days", "has_promise", "on_time", "customs_hours",
         "failed_attempts", "returned", "invalid_transitions", "version", "ingested_at",
+        *SOURCE_COLUMNS,
     ),
     "shipment_predictions": (
         "event_id", "order_id", "ts", "ts_ms", "status", "carrier", "origin_country",
         "dest_country", "predicted_delivery_ts_ms", "promised_ts_ms", "delay_risk", "ingested_at",
+        *SOURCE_COLUMNS,
     ),
     "rec_predictions": (
         "event_id", "ts", "ts_ms", "user_id", "country", "click_type", "hit_rank", "recs_size",
-        "personalised", "recs_age_ms", "ingested_at",
+        "personalised", "recs_age_ms", "ingested_at", *SOURCE_COLUMNS,
     ),
 }  # fmt: skip
+
+#: The fact tables each input topic writes (they carry SOURCE_COLUMNS).
+FACT_TABLES: dict[str, tuple[str, ...]] = {
+    "clicks": ("click_events", "rec_predictions"),
+    "payments": ("fraud_scores",),
+    "fraud-labels": ("fraud_labels",),
+    "logistics": ("shipment_events", "shipment_predictions", "shipments"),
+}
 
 
 @dataclass
@@ -64,6 +83,14 @@ class _Pending:
     callbacks: list[Callable[[], None]] = field(default_factory=list)
     count: int = 0
     first_added: float | None = None
+
+
+class InsertObserver(Protocol):
+    """Told about every insert (from the writer thread); the worker's metrics implement it."""
+
+    def inserted(self, table: str, rows: int, seconds: float) -> None: ...
+
+    def insert_failed(self, table: str, error: str) -> None: ...
 
 
 class ClickHouseWriter:
@@ -75,8 +102,10 @@ class ClickHouseWriter:
         *,
         client_factory: Callable[[], Any] | None = None,
         max_buffered_rows: int | None = None,
+        observer: InsertObserver | None = None,
     ) -> None:
         self._settings = settings
+        self._observer = observer
         self._client_factory = client_factory or (lambda: _connect(settings))
         self._flush_rows = settings.clickhouse_flush_rows
         self._flush_interval = settings.clickhouse_flush_interval_s
@@ -92,6 +121,8 @@ class ClickHouseWriter:
         self.inserts = 0
         self.failures = 0
         self.last_error: str | None = None
+        #: True from a failed insert until the retry succeeds (the health check reads it).
+        self.retrying = False
         self._thread = threading.Thread(target=self._run, name="clickhouse-writer", daemon=True)
         self._thread.start()
 
@@ -198,21 +229,30 @@ class ClickHouseWriter:
                 self._generation += 1
                 generation = self._generation
             while True:
+                current = next(iter(batch.rows), "")
                 try:
                     if client is None:
                         client = self._client_factory()
                     # A table leaves the batch once stored, so a retry after a failure
                     # re-sends only what is not stored yet (no double counts).
                     for table in list(batch.rows):
+                        current = table
                         rows = batch.rows[table]
+                        started = time.perf_counter()
                         _insert_columnar(client, table, rows)
+                        elapsed = time.perf_counter() - started
                         del batch.rows[table]
                         self.inserts += 1
                         self.rows_written += len(rows)
+                        if self._observer is not None:
+                            self._observer.inserted(table, len(rows), elapsed)
                     break
                 except Exception as exc:  # retried forever: dropping rows is never an option
                     self.failures += 1
+                    self.retrying = True
                     self.last_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                    if self._observer is not None:
+                        self._observer.insert_failed(current, self.last_error)
                     log.warning(
                         "ClickHouse insert failed (retry in %.1fs): %s", backoff, self.last_error
                     )
@@ -225,6 +265,7 @@ class ClickHouseWriter:
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 30.0)
             backoff = 0.2
+            self.retrying = False
             for callback in batch.callbacks:
                 try:
                     callback()

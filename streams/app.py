@@ -18,6 +18,7 @@ import mode
 from schemas.config import Settings
 from schemas.errors import BorderflowError
 from streams.agents import clicks, fraud_labels, logistics, naive, payments
+from streams.metrics import add_pages
 from streams.runtime import Runtime
 from streams.topology import build_topology
 
@@ -54,6 +55,7 @@ def create_worker_app(settings: Settings) -> tuple[faust.App, Runtime]:
             await runtime.close()
 
     topology.app.service(RuntimeService)
+    add_pages(topology.app, runtime)  # /metrics (Prometheus) and /health
 
     @topology.app.timer(settings.fraud_checkpoint_interval_s)
     async def checkpoint_fraud_engines() -> None:
@@ -69,8 +71,19 @@ def create_worker_app(settings: Settings) -> tuple[faust.App, Runtime]:
             tp.partition for tp in revoked if tp.topic == payments_topic
         )
 
+    async def flush_facts_of_revoked(app: faust.App, revoked: set[Any], **_: Any) -> None:
+        # The next owner reads where each fact table ends (streams/facts.py): our buffered
+        # rows must be in ClickHouse before the rebalance goes on.
+        if revoked:
+            await asyncio.to_thread(runtime.clickhouse.flush)
+
+    async def reread_positions_of_assigned(app: faust.App, assigned: set[Any], **_: Any) -> None:
+        runtime.positions.forget(tp.partition for tp in assigned)
+
     # Faust calls receivers as (sender, revoked, signal=...); its stubs cannot say async.
     topology.app.on_partitions_revoked.connect(cast(Any, forget_revoked_fraud_engines))
+    topology.app.on_partitions_revoked.connect(cast(Any, flush_facts_of_revoked))
+    topology.app.on_partitions_assigned.connect(cast(Any, reread_positions_of_assigned))
 
     topology.app.task(_shorten_fetch_wait(topology.app, settings.consumer_fetch_max_wait_ms))
     topology.app.task(_quiet_debug_logging)

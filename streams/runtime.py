@@ -13,7 +13,6 @@ import asyncio
 import base64
 import logging
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, TypeVar, cast
 
@@ -31,6 +30,14 @@ from schemas.decode import Rejected, decode_message
 from schemas.events import DeadLetter, InboundEvent
 from sinks.clickhouse import ClickHouseWriter
 from sinks.redis_store import RedisStore, UserState
+from streams.facts import SinkPositions
+from streams.metrics import (
+    TimedRedisStore,
+    current_agent_name,
+    find_metrics,
+    metrics_for,
+    observed_batches,
+)
 from streams.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -70,18 +77,24 @@ class Runtime:
         #: Last offset seen per fraud-labels partition (to tell a caught-up label stream).
         self.label_offsets: dict[int, int] = {}
         self.deadlettered = 0
+        #: Where each fact table's rows end, per partition (exactly-once facts).
+        self.positions = SinkPositions(settings)
+        #: Prometheus metrics of this worker app (served at /metrics; see streams/metrics.py).
+        self.metrics = metrics_for(topology.app, settings)
+        self.metrics.runtime = self
 
     # Sinks are created lazily, inside the worker's event loop.
     @property
     def redis(self) -> RedisStore:
         if self._redis is None:
-            self._redis = RedisStore(self.settings)
+            store = RedisStore(self.settings)
+            self._redis = cast(RedisStore, TimedRedisStore(store, self.metrics.redis_seconds))
         return self._redis
 
     @property
     def clickhouse(self) -> ClickHouseWriter:
         if self._clickhouse is None:
-            self._clickhouse = ClickHouseWriter(self.settings)
+            self._clickhouse = ClickHouseWriter(self.settings, observer=self.metrics)
         return self._clickhouse
 
     async def close(self) -> None:
@@ -104,6 +117,7 @@ class Runtime:
             ok, rejected = decode_message(model, event.value)
             for item in ok:
                 decoded.append((event, item))
+            self.metrics.count_events(event.message.topic, len(ok))
             for bad in rejected:
                 await self.deadletter(event, bad)
         return decoded
@@ -127,6 +141,7 @@ class Runtime:
             index=rejected.index,
         )
         self.deadlettered += 1
+        self.metrics.count_deadletter(message.topic)
         log.warning(
             "dead-lettered %s[%s]@%s: %s",
             message.topic, message.partition, message.offset, rejected.error,
@@ -163,6 +178,7 @@ class Runtime:
         offsets until the rows are stored, and pause while the ClickHouse buffer is full."""
         for table, table_rows in rows.items():
             self.clickhouse.add(table, table_rows)
+        self.metrics.observe_rows(rows)
         if processed:
             await self.redis.count_processed(processed)
         self.hold_until_durable(events)
@@ -358,7 +374,12 @@ def micro_batches(
     like Faust's ``take_events``; see :func:`adaptive_batches`.
     """
     faust_stream = cast(faust.Stream, stream)
-    batches = adaptive_batches(faust_stream, settings.batch_max_events, settings.batch_within_s)
+    batches: AsyncIterator[Sequence[faust.EventT]] = adaptive_batches(
+        faust_stream, settings.batch_max_events, settings.batch_within_s
+    )
+    metrics = find_metrics(getattr(faust_stream, "app", None))
+    if metrics is not None:  # batch sizes and processing times, per agent
+        batches = observed_batches(batches, metrics, current_agent_name())
     # Like take_events: registered so that stopping the stream closes (and acks) it.
     active = getattr(faust_stream, "_active_agens", None)
     if active is not None:
@@ -369,46 +390,6 @@ def micro_batches(
 def minute_of(ts_ms: int) -> int:
     """Epoch seconds of the minute containing ``ts_ms`` (ClickHouse DateTime)."""
     return (ts_ms // MINUTE_MS) * 60
-
-
-class RollupCounter:
-    """Per-batch pre-aggregation of ``events_per_minute`` rows."""
-
-    def __init__(self, topic: str) -> None:
-        self.topic = topic
-        self.counts: Counter[tuple[int, str, str]] = Counter()
-        self.amounts: dict[tuple[int, str, str], float] = {}
-
-    def add(
-        self, ts_ms: int, event_type: str, country: str | None, amount_usd: float = 0.0
-    ) -> None:
-        key = (minute_of(ts_ms), event_type, country or "")
-        self.counts[key] += 1
-        if amount_usd:
-            self.amounts[key] = self.amounts.get(key, 0.0) + amount_usd
-
-    def rows(self) -> list[tuple[Any, ...]]:
-        return [
-            (minute, self.topic, event_type, country, count, round(self.amounts.get(k, 0.0), 6))
-            for k, count in self.counts.items()
-            for minute, event_type, country in (k,)
-        ]
-
-
-class SegmentMix:
-    """Per-batch pre-aggregation of ``segment_mix_per_hour`` rows (purchases, revenue)."""
-
-    def __init__(self) -> None:
-        self.purchases: Counter[tuple[int, str, str]] = Counter()
-        self.revenue: dict[tuple[int, str, str], float] = {}
-
-    def add(self, ts_ms: int, country: str | None, segment: str, revenue_usd: float) -> None:
-        key = ((ts_ms // 3_600_000) * 3600, country or "", segment)
-        self.purchases[key] += 1
-        self.revenue[key] = self.revenue.get(key, 0.0) + revenue_usd
-
-    def rows(self) -> list[tuple[Any, ...]]:
-        return [(*key, count, round(self.revenue[key], 6)) for key, count in self.purchases.items()]
 
 
 def wall_ms() -> int:

@@ -94,7 +94,7 @@ def build_app(settings: Settings) -> faust.App:
         topic_replication_factor=1,
         broker_session_timeout=settings.broker_session_timeout_s,
         broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
-        broker_commit_interval=1.0,
+        broker_commit_interval=settings.broker_commit_interval_s,
         consumer_auto_offset_reset="earliest",
         key_serializer="raw",
         value_serializer="raw",

@@ -19,7 +19,6 @@ One table write per user per batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import faust
 
@@ -27,7 +26,7 @@ from models.fx import to_usd
 from models.profile import UserProfile, apply_click
 from models.serving import session_key
 from schemas.events import CLICKS, ClickEvent
-from streams.runtime import RollupCounter, Runtime, SegmentMix, micro_batches, wall_ms
+from streams.runtime import Runtime, micro_batches, wall_ms
 
 DAY_MS = 86_400_000
 #: ``bf:popular:global``: the key suffix of the all-countries trending list.
@@ -53,9 +52,7 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
     serving = await runtime.serving_models()
     table = runtime.topology.user_profiles
     profiles: dict[str, UserProfile] = {}
-    rollup = RollupCounter(CLICKS)
-    segment_mix = SegmentMix()
-    predictions: list[tuple[Any, ...]] = []
+    facts = await runtime.positions.rows_for(CLICKS, [event for event, _ in clicks])
     ingested_at = wall_ms() // 1000
     for event, click in clicks:
         profile = profiles.get(click.user_id)
@@ -68,37 +65,50 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
         basket_before = list(profile.session_purchases) if same_session else []
         previous_purchase_ts = profile.last_purchase_ts or profile.first_ts or click.ts
         rank = served_rank(profile, click)
-        served_at_ts = profile.served_at_ts
-        served_personalised = profile.personalisation
-        if not apply_click(profile, click):
-            continue  # already applied before a restart
-        if rank is not None:
-            predictions.append((
-                click.event_id, click.ts // 1000, click.ts, click.user_id,
-                click.country or profile.country, click.type, rank,
-                len(profile.served_recs), int(served_personalised),
-                max(0, click.ts - served_at_ts), ingested_at,
-            ))  # fmt: skip
-        serving.learn_click(
-            click,
-            session_before=session_before,
-            basket_before=basket_before,
-            country=click.country or profile.country or None,
-            session_key=session_key(profile, click),
-        )
+        served = (len(profile.served_recs), int(profile.personalisation), profile.served_at_ts)
         amount = 0.0
         if click.type == "purchase" and click.price and click.currency:
             amount = to_usd(click.price, click.currency) or 0.0
-        rollup.add(click.ts, click.type, click.country or profile.country, amount)
-        if click.type == "purchase":
-            # RFM changes only at purchases: learn the segment then, in the partition's order.
-            segmenter = runtime.segmenter(event.message.partition)
-            profile.segment = segmenter.observe(
-                recency_days=max(0, click.ts - previous_purchase_ts) / DAY_MS,
-                frequency=profile.purchases,
-                monetary_usd=profile.monetary_usd,
+        applied = apply_click(profile, click)
+        if applied:
+            serving.learn_click(
+                click,
+                session_before=session_before,
+                basket_before=basket_before,
+                country=click.country or profile.country or None,
+                session_key=session_key(profile, click),
             )
-            segment_mix.add(click.ts, profile.country, profile.segment, amount)
+            if click.type == "purchase":
+                # RFM changes only at purchases: learn the segment then, in partition order.
+                segmenter = runtime.segmenter(event.message.partition)
+                profile.segment = segmenter.observe(
+                    recency_days=max(0, click.ts - previous_purchase_ts) / DAY_MS,
+                    frequency=profile.purchases,
+                    monetary_usd=profile.monetary_usd,
+                )
+            if rank is not None:
+                profile.remember_score(click.event_id, rank, *served)
+        else:
+            # Applied before a crash, but its rows may not have reached ClickHouse: they are
+            # rebuilt from what the profile remembers (the written positions drop them if the
+            # tables hold them already).
+            remembered = profile.scored.get(click.event_id)
+            if remembered is not None:
+                rank, served = remembered[0], (remembered[1], remembered[2], remembered[3])
+            else:
+                rank = None
+        country = click.country or profile.country
+        facts.add("click_events", event, (
+            click.event_id, click.ts // 1000, click.ts, click.user_id, click.session_id,
+            click.type, click.item_id or "", click.category or "", country, amount,
+            profile.segment if click.type == "purchase" else "", ingested_at,
+        ))  # fmt: skip
+        if rank is not None:
+            recs_size, personalised, served_at_ts = served
+            facts.add("rec_predictions", event, (
+                click.event_id, click.ts // 1000, click.ts, click.user_id, country, click.type,
+                rank, recs_size, personalised, max(0, click.ts - served_at_ts), ingested_at,
+            ))  # fmt: skip
 
     top_n = runtime.settings.recs_top_n
     states = runtime.serve(profiles)
@@ -128,14 +138,8 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
             "recs", [visible_ms - event.message.timestamp * 1000 for event, _ in clicks]
         )
     # Clicks were counted in the same pipeline as the user states.
-    await runtime.finish_batch(
-        events,
-        {
-            "rec_predictions": predictions,
-            "events_per_minute": rollup.rows(),
-            "segment_mix_per_hour": segment_mix.rows(),
-        },
-    )
+    # Rollups (events_per_minute/hour, segment_mix_per_hour) are views over click_events.
+    await runtime.finish_batch(events, facts.rows)
     return len(clicks)
 
 

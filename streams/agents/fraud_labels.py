@@ -19,11 +19,12 @@ from collections.abc import Sequence
 import faust
 
 from schemas.events import FRAUD_LABELS, FraudLabelEvent
-from streams.runtime import RollupCounter, Runtime, micro_batches, wall_ms
+from streams.runtime import Runtime, micro_batches, wall_ms
 
 
 async def process_labels(runtime: Runtime, events: Sequence[faust.EventT]) -> int:
     labels = await runtime.decode(events, FraudLabelEvent)
+    facts = await runtime.positions.rows_for(FRAUD_LABELS, [event for event, _ in labels])
     by_partition: dict[int, list[FraudLabelEvent]] = defaultdict(list)
     for event, label in labels:
         by_partition[event.message.partition].append(label)
@@ -35,29 +36,19 @@ async def process_labels(runtime: Runtime, events: Sequence[faust.EventT]) -> in
             runtime.label_offsets.get(partition, -1), event.message.offset
         )
     ingested_at = wall_ms() // 1000
-    rows = []
-    rollup = RollupCounter(FRAUD_LABELS)
     for partition, batch in by_partition.items():
         (await runtime.fraud_engine(partition)).add_labels(batch)
-        for label in batch:
-            rows.append(
-                (
-                    label.txn_id,
-                    label.user_id,
-                    label.label,
-                    label.ts // 1000,
-                    label.ts,
-                    label.source or "",
-                    ingested_at,
-                )
-            )
-            rollup.add(label.ts, label.label, None)
+    for event, label in labels:
+        facts.add("fraud_labels", event, (
+            label.txn_id, label.user_id, label.label, label.ts // 1000, label.ts,
+            label.source or "", ingested_at,
+        ))  # fmt: skip
     # Queued labels live in the engine: commit only once a checkpoint holds them.
     for partition, partition_events in events_by_partition.items():
         runtime.hold_until_checkpoint(partition, partition_events)
     await runtime.finish_batch(
         events,
-        {"fraud_labels": rows, "events_per_minute": rollup.rows()},
+        facts.rows,  # events_per_minute/hour are views over fraud_labels
         {FRAUD_LABELS: len(labels)},
     )
     return len(labels)

@@ -29,9 +29,11 @@ from models.delivery_time import ScanReport
 from models.profile import UserProfile, record_delivery, record_scan
 from models.shipments import Shipment, ShipmentBook, status_text
 from schemas.events import LOGISTICS, LogisticsAlert, LogisticsEvent
-from streams.runtime import RollupCounter, Runtime, micro_batches, wall_ms
+from streams.runtime import Runtime, micro_batches, wall_ms
 
 HOUR_MS = 3_600_000
+#: Statuses that complete a shipment.
+COMPLETING = frozenset({"delivered", "returned"})
 
 
 def shipment_view(shipment: Shipment, lang: str, updated_at_ms: int) -> dict[str, Any]:
@@ -111,52 +113,52 @@ async def process_scans(runtime: Runtime, events: Sequence[faust.EventT]) -> int
     serving = await runtime.serving_models()
     engine = serving.logistics
     batch = _Batch(runtime)
+    facts = await runtime.positions.rows_for(LOGISTICS, [event for event, _ in scans])
     ingested_at = wall_ms() // 1000
-    scan_rows: list[tuple[Any, ...]] = []
-    prediction_rows: list[tuple[Any, ...]] = []
-    completions: dict[str, tuple[Any, ...]] = {}
     views: dict[str, Shipment] = {}
     alerts: list[LogisticsAlert] = []
-    rollup = RollupCounter(LOGISTICS)
-    for _, scan in scans:
-        scan_rows.append((
+    #: order_id -> (the batch's last scan that completed or updated it, its row).
+    completions: dict[str, tuple[faust.EventT, tuple[Any, ...]]] = {}
+    for event, scan in scans:
+        facts.add("shipment_events", event, (
             scan.event_id, scan.order_id, scan.user_id, scan.carrier, scan.origin_country,
             scan.dest_country, scan.status, scan.ts // 1000, scan.ts, scan.promised_ts or 0,
             scan.location or "", ingested_at,
         ))  # fmt: skip
-        rollup.add(scan.ts, scan.status, scan.dest_country)
         book = batch.book(scan.user_id)
         report = engine.on_scan(book, scan)
-        if not report.applied:
-            continue  # a duplicate, or a scan of an order completed long ago
-        batch.changed_books.add(scan.user_id)
         shipment = report.shipment
+        if not report.applied:
+            # A repeat, maybe of a scan applied just before a crash: its completion row may
+            # not have reached ClickHouse (the written positions drop it if it did).
+            if not report.stale and shipment.completed and scan.status in COMPLETING:
+                row = completion_row(shipment, scan.ts, ingested_at)
+                completions[shipment.order_id] = (event, row)
+            continue
+        batch.changed_books.add(scan.user_id)
         views[shipment.order_id] = shipment
         alerts.extend(report.alerts)
         _watch_customs(serving.customs_watch, shipment)
         if report.predicted_delivery_ts and not shipment.completed:
-            prediction_rows.append((
+            facts.add("shipment_predictions", event, (
                 scan.event_id, scan.order_id, scan.ts // 1000, scan.ts, shipment.status,
                 shipment.carrier, shipment.origin_country, shipment.dest_country,
                 report.predicted_delivery_ts, shipment.promised_ts, report.delay_risk,
                 ingested_at,
             ))  # fmt: skip
         if shipment.completed:
-            completions[shipment.order_id] = completion_row(shipment, scan.ts, ingested_at)
+            completions[shipment.order_id] = (event, completion_row(shipment, scan.ts, ingested_at))
         _update_profile(batch, scan, book, report)
         if report.delivered is not None:
             serving.learn_delivery(report.delivered)
 
+    for event, row in completions.values():  # one row per completed order and batch
+        facts.add("shipments", event, row)
     alerts.extend(_overdue_customs(batch, engine.watermark_ms))
     await _publish(runtime, batch, views, alerts)
     await runtime.finish_batch(
         events,
-        {
-            "shipment_events": scan_rows,
-            "shipment_predictions": prediction_rows,
-            "shipments": list(completions.values()),
-            "events_per_minute": rollup.rows(),
-        },
+        facts.rows,  # events_per_minute/hour are views over shipment_events
         {LOGISTICS: len(scans)},
     )
     return len(scans)

@@ -26,7 +26,7 @@ import orjson
 
 from models.fraud import ScoredPayment
 from schemas.events import PAYMENTS, FraudAlert, PaymentEvent
-from streams.runtime import RollupCounter, Runtime, micro_batches, wall_ms
+from streams.runtime import Runtime, micro_batches, wall_ms
 
 
 async def wait_for_labels(runtime: Runtime, partition: int, ts_ms: int) -> bool:
@@ -60,35 +60,30 @@ def alert_for(scored: ScoredPayment) -> FraudAlert:
 
 async def process_payments(runtime: Runtime, events: Sequence[faust.EventT]) -> int:
     payments = await runtime.decode(events, PaymentEvent)
+    facts = await runtime.positions.rows_for(PAYMENTS, [event for event, _ in payments])
     by_partition: dict[int, list[PaymentEvent]] = defaultdict(list)
+    source: dict[int, list[faust.EventT]] = defaultdict(list)
     for event, payment in payments:
         by_partition[event.message.partition].append(payment)
+        source[event.message.partition].append(event)
     events_by_partition: dict[int, list[faust.EventT]] = defaultdict(list)
     for event in events:
         events_by_partition[event.message.partition].append(event)
 
     scored_at = wall_ms() // 1000
-    rows = []
-    rollup = RollupCounter(PAYMENTS)
     alerts = []
     for partition, batch in by_partition.items():
         await wait_for_labels(runtime, partition, max(p.ts for p in batch))
         engine = await runtime.fraud_engine(partition)
-        for scored in engine.score(batch):
+        for event, scored in zip(source[partition], engine.score(batch), strict=True):
             payment = scored.payment
-            rows.append((
+            facts.add("fraud_scores", event, (
                 payment.event_id, payment.user_id, payment.card_id, payment.merchant_id,
                 payment.ts // 1000, payment.ts, payment.amount, payment.currency,
                 scored.amount_usd, scored.score.score, int(scored.is_alert), scored.threshold,
                 scored.score.reasons, scored.score.model_version, payment.billing_country or "",
                 payment.shipping_country or "", payment.ip_country or "", scored_at,
             ))  # fmt: skip
-            rollup.add(
-                payment.ts,
-                "payment",
-                payment.ip_country or payment.billing_country,
-                scored.amount_usd,
-            )
             if scored.is_alert:
                 alerts.append(alert_for(scored))
     for partition, partition_events in events_by_partition.items():
@@ -100,7 +95,7 @@ async def process_payments(runtime: Runtime, events: Sequence[faust.EventT]) -> 
     await runtime.redis.publish_alerts(documents)
     await runtime.finish_batch(
         events,
-        {"fraud_scores": rows, "events_per_minute": rollup.rows()},
+        facts.rows,  # events_per_minute/hour are views over fraud_scores
         {PAYMENTS: len(payments)},
     )
     return len(payments)

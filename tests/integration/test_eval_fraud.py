@@ -76,6 +76,8 @@ def score_row(p: Payment, scored_at: int = 1_000) -> tuple[Any, ...]:
         "shipping_country": "DE",
         "ip_country": "DE",
         "scored_at": scored_at,
+        "src_partition": 0,
+        "src_next_offset": 0,
     }
     return tuple(values[c] for c in TABLE_COLUMNS["fraud_scores"])
 
@@ -89,6 +91,8 @@ def label_row(txn_id: str, label: str, ts: int, ingested_at: int = 2_000) -> tup
         "ts_ms": ts * 1000,
         "source": "chargeback" if label == "fraud" else "settlement",
         "ingested_at": ingested_at,
+        "src_partition": 0,
+        "src_next_offset": 0,
     }
     return tuple(values[c] for c in TABLE_COLUMNS["fraud_labels"])
 

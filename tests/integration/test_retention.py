@@ -33,7 +33,13 @@ def counts(settings: Settings) -> dict[str, int]:
     try:
         return {
             table: client.execute(f"SELECT count() FROM {table}")[0][0]
-            for table in ("events_per_minute", "events_per_hour", "shipments", "schema_migrations")
+            for table in (
+                "click_events",
+                "events_per_minute",
+                "events_per_hour",
+                "shipments",
+                "schema_migrations",
+            )
         }
     finally:
         client.disconnect()
@@ -42,16 +48,17 @@ def counts(settings: Settings) -> dict[str, int]:
 def test_retention_drops_old_months_and_keeps_recent_data(database: Settings) -> None:
     client = clickhouse_client(database, database.clickhouse_database)
     try:
-        for minute in (OLD, NEW):
+        for n, ts in enumerate((OLD, NEW)):  # the rollups are views over click_events
             client.execute(
-                "INSERT INTO events_per_minute VALUES",
-                [(minute, "clicks", "view", "DE", 3, 0.0)],
-            )
+                "INSERT INTO click_events VALUES",
+                [(f"e{n}", ts, ts * 1000, "u1", "s1", "view", "i1", "shoes", "DE", 0.0, "",
+                  0, n + 1, ts)],
+            )  # fmt: skip
         for order, completed in (("old", OLD), ("new", NEW)):
             client.execute(
                 "INSERT INTO shipments VALUES",
                 [(order, "u1", "dhl", "CN", "DE", completed - 86400, completed, "delivered",
-                  1.0, 1, 1, 0.0, 0, 0, 0, completed * 1000, completed)],
+                  1.0, 1, 1, 0.0, 0, 0, 0, completed * 1000, completed, 0, 0)],
             )  # fmt: skip
     finally:
         client.disconnect()
@@ -70,6 +77,7 @@ def test_retention_drops_old_months_and_keeps_recent_data(database: Settings) ->
     assert done.exit_code == 0, done.output
     assert "removed events_per_hour: partition 202501" in done.output
     after = counts(database)
+    assert after["click_events"] == 1
     assert after["events_per_minute"] == 1 and after["events_per_hour"] == 1
     assert after["shipments"] == 1  # the mutation runs synchronously on a small table
     assert after["schema_migrations"] == before["schema_migrations"]

@@ -96,7 +96,17 @@ def make_writer(fake: FakeLog) -> Iterator[Any]:
 
 
 def label_row(i: int) -> tuple[Any, ...]:
-    return (f"t{i}", f"u{i}", "fraud", 1_767_225_600 + i, 1_767_225_600_000 + i, "bank", 1)
+    return (
+        f"t{i}",
+        f"u{i}",
+        "fraud",
+        1_767_225_600 + i,
+        1_767_225_600_000 + i,
+        "bank",
+        1,
+        0,
+        i + 1,
+    )
 
 
 def minute_row(i: int) -> tuple[Any, ...]:
