@@ -34,14 +34,13 @@ Everything is driven by event time only (no wall clock): a replay gives the same
 from __future__ import annotations
 
 import math
-import pickle
-import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from river import linear_model, optim, stats
 
+from models.checkpoint import Checkpointable
 from models.shipments import MAX_SNAPSHOTS, ApplyOutcome, Shipment, ShipmentBook
 from schemas.events import LogisticsAlert, LogisticsEvent
 
@@ -381,7 +380,7 @@ def _normal_cdf(z: float) -> float:
     return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
 
 
-class LogisticsEngine:
+class LogisticsEngine(Checkpointable):
     """One worker's logistics models; the agent keeps one and checkpoints it with pickle.
 
     ``late_margin_ms``: a shipment is alerted ``predicted_late`` when its predicted delivery
@@ -390,7 +389,6 @@ class LogisticsEngine:
     ``customs_delay`` alerts. ``customs_quantile``: what "usual" means (p90).
     """
 
-    CHECKPOINT_FORMAT = 1
     #: Weight of the newest absolute log error in the per-status error average.
     ERROR_ALPHA = 0.02
 
@@ -660,19 +658,3 @@ class LogisticsEngine:
             "predictions_scored": scored,
             "watermark_ms": self.watermark_ms,
         }
-
-    def to_checkpoint(self) -> bytes:
-        """The whole engine as versioned, compressed bytes (River models pickle)."""
-        blob = pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
-        return self.CHECKPOINT_FORMAT.to_bytes(2, "big") + zlib.compress(blob, 1)
-
-    @classmethod
-    def from_checkpoint(cls, blob: bytes) -> LogisticsEngine:
-        version = int.from_bytes(blob[:2], "big")
-        if version != cls.CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint format {version} is not {cls.CHECKPOINT_FORMAT}")
-        # Checkpoints are written by borderflow workers into the project's own stores.
-        engine = pickle.loads(zlib.decompress(blob[2:]))  # noqa: S301
-        if not isinstance(engine, cls):
-            raise ValueError("checkpoint does not hold a LogisticsEngine")
-        return engine

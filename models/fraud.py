@@ -40,8 +40,6 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-import pickle
-import zlib
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
@@ -49,6 +47,7 @@ from typing import Any
 
 from river import anomaly, compose, drift, linear_model, optim, preprocessing, stats, tree
 
+from models.checkpoint import Checkpointable
 from models.fraud_features import DAY_MS, HOUR_MS, PaymentFeatures, pack, unpack, usd_amount
 from schemas.events import FraudLabelEvent, PaymentEvent
 
@@ -377,7 +376,7 @@ class AlertPolicy:
         return max(best, self.floor)
 
 
-class FraudEngine:
+class FraudEngine(Checkpointable):
     """One partition's fraud scoring state (see the module docstring)."""
 
     def __init__(
@@ -519,32 +518,8 @@ class FraudEngine:
     def pending_labels(self) -> int:
         return len(self._pending)
 
-    # -- checkpoints ------------------------------------------------------------------------------
+    #: Checkpoint images (models.checkpoint): format 2 since the ensemble model.
     CHECKPOINT_FORMAT = 2
-
-    def to_checkpoint(self) -> bytes:
-        """The whole engine as versioned, compressed bytes (River models pickle)."""
-        return self.compress_checkpoint(self.pickle())
-
-    def pickle(self) -> bytes:
-        """A consistent image of the engine: call it where nothing else mutates the engine
-        (the worker's event loop), then compress it elsewhere."""
-        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
-
-    @classmethod
-    def compress_checkpoint(cls, pickled: bytes) -> bytes:
-        return cls.CHECKPOINT_FORMAT.to_bytes(2, "big") + zlib.compress(pickled, 1)
-
-    @classmethod
-    def from_checkpoint(cls, blob: bytes) -> FraudEngine:
-        version = int.from_bytes(blob[:2], "big")
-        if version != cls.CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint format {version} is not {cls.CHECKPOINT_FORMAT}")
-        # Checkpoints are written by borderflow workers into the project's own Redis.
-        engine = pickle.loads(zlib.decompress(blob[2:]))  # noqa: S301
-        if not isinstance(engine, cls):
-            raise ValueError("checkpoint does not hold a FraudEngine")
-        return engine
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -20,13 +20,12 @@ learned online from the partitions a worker owns, in event time, and checkpointe
 
 from __future__ import annotations
 
-import pickle
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from models.catalog import ItemCatalog
+from models.checkpoint import Checkpointable
 from models.delivery import DeliveryLanes
 from models.delivery_time import DeliveredRecord, LogisticsEngine
 from models.fbt import FrequentlyBoughtTogether
@@ -60,7 +59,7 @@ class Recommendation:
 
 
 @dataclass
-class ServingModels:
+class ServingModels(Checkpointable):
     recommender: SessionRecommender = field(default_factory=SessionRecommender)
     catalog: ItemCatalog = field(default_factory=ItemCatalog)
     lanes: DeliveryLanes = field(default_factory=DeliveryLanes)
@@ -163,28 +162,6 @@ class ServingModels:
 
     def _category(self, item_id: str) -> str | None:
         return self.catalog.category(item_id) or self.recommender.item_category.get(item_id)
-
-    # -- checkpoints ------------------------------------------------------------------------
-    CHECKPOINT_FORMAT = 1
-
-    def pickle(self) -> bytes:
-        """A consistent image: call it on the event loop, where nothing else mutates them."""
-        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
-
-    @classmethod
-    def compress_checkpoint(cls, pickled: bytes) -> bytes:
-        return cls.CHECKPOINT_FORMAT.to_bytes(2, "big") + zlib.compress(pickled, 1)
-
-    @classmethod
-    def from_checkpoint(cls, blob: bytes) -> ServingModels:
-        version = int.from_bytes(blob[:2], "big")
-        if version != cls.CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint format {version} is not {cls.CHECKPOINT_FORMAT}")
-        # Checkpoints are written by borderflow workers into the project's own Redis.
-        models = pickle.loads(zlib.decompress(blob[2:]))  # noqa: S301
-        if not isinstance(models, cls):
-            raise ValueError("checkpoint does not hold ServingModels")
-        return models
 
     def stats(self) -> dict[str, int]:
         """Sizes, and the logistics engine's counters (scans, duplicates, out_of_order,

@@ -55,24 +55,14 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import orjson
 
-from schemas.events import LogisticsEvent
+from schemas.events import LogisticsEvent, ShipmentStatus
 
-STATUSES: tuple[str, ...] = (
-    "created",
-    "picked",
-    "departed",
-    "arrived_hub",
-    "customs_hold",
-    "customs_cleared",
-    "out_for_delivery",
-    "delivered",
-    "failed_attempt",
-    "returned",
-)
+#: The contract's statuses, in journey order (one source of truth: schemas.events).
+STATUSES: tuple[str, ...] = get_args(ShipmentStatus)
 
 #: Valid successors of each shipment status (tests check every simulated journey against it).
 SHIPMENT_TRANSITIONS: dict[str, frozenset[str]] = {

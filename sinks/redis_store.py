@@ -117,8 +117,9 @@ class RedisStore:
     def shipment_key(self, order_id: str) -> str:
         return f"{self.prefix}shipment:{order_id}"
 
-    def fbt_key(self, item_id: str) -> str:
-        return f"{self.prefix}fbt:{item_id}"
+    def item_list_key(self, kind: str, key: str) -> str:
+        """``fbt:{item_id}`` or ``popular:{country|global}``."""
+        return f"{self.prefix}{kind}:{key}"
 
     def stats_key(self, worker: str | None = None) -> str:
         """Events processed per topic: all workers, or one (``host:pid``)."""
@@ -175,7 +176,7 @@ class RedisStore:
             for partner, score in ranked:
                 args.append(score)
                 args.append(partner)
-            key = f"{self.prefix}{kind}:{item_id}"
+            key = self.item_list_key(kind, item_id)
             await self._replace_sorted_set(keys=[key], args=args, client=pipe)
         await pipe.execute()
 
@@ -297,11 +298,6 @@ class RedisStore:
     async def read_meta(self, user_id: str) -> dict[str, str]:
         raw = await self.client.hgetall(self.recs_meta_key(user_id))
         return {_text(k): _text(v) for k, v in raw.items()}
-
-    async def read_item_list(self, kind: str, key: str, n: int = 20) -> list[tuple[str, float]]:
-        name = f"{self.prefix}{kind}:{key}"
-        rows: Any = await self.client.zrevrange(name, 0, n - 1, withscores=True)
-        return [(_text(item), float(score)) for item, score in rows]
 
     async def read_profile(self, user_id: str) -> dict[str, str]:
         raw = await self.client.hgetall(self.profile_key(user_id))

@@ -43,7 +43,6 @@ from streams.topology import Topology
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=InboundEvent)
 
-MINUTE_MS = 60_000
 #: Original bytes kept in a dead letter (base64 makes them 4/3 as large).
 MAX_DEADLETTER_PAYLOAD = 600_000
 #: Of those, how many are also shown as text in ``payload``.
@@ -385,11 +384,6 @@ def micro_batches(
     if active is not None:
         active.add(batches)
     return batches
-
-
-def minute_of(ts_ms: int) -> int:
-    """Epoch seconds of the minute containing ``ts_ms`` (ClickHouse DateTime)."""
-    return (ts_ms // MINUTE_MS) * 60
 
 
 def wall_ms() -> int:
