@@ -146,6 +146,32 @@ def demo(settings: Settings, users: int, days: int, seed: int) -> None:
     run_demo(settings, users=users, days=days, seed=seed)
 
 
+@cli.command()
+@click.argument("ids", nargs=-1, required=True)
+@click.option(
+    "--kind",
+    type=click.Choice(["user", "card"]),
+    default="user",
+    show_default=True,
+    help="What the ids are: each kind is hashed in its own domain.",
+)
+@click.pass_obj
+def pseudonym(settings: Settings, ids: tuple[str, ...], kind: str) -> None:
+    """Print the ClickHouse pseudonym of each user (or card) id, one per line.
+
+    ClickHouse holds keyed hashes instead of user and card ids (docs/contracts.md); this
+    computes them with BORDERFLOW_PSEUDONYM_KEY, e.g. to look up one customer's rows:
+    WHERE user_id = '<pseudonym>'.
+    """
+    from sinks.pseudonym import Pseudonymiser
+
+    pseudonymiser = Pseudonymiser.from_settings(settings)
+    for value in ids:
+        click.echo(
+            f"{value}\t{pseudonymiser.pseudonym(value, 'card' if kind == 'card' else 'user')}"
+        )
+
+
 def _register_optional_commands() -> None:
     """Sub-commands that live next to the code they drive."""
     from infra.alerts import alerts_cli

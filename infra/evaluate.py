@@ -55,7 +55,7 @@ from models.evaluation import (
 )
 from schemas.config import Settings
 from schemas.errors import BorderflowError
-from sinks.clickhouse import clickhouse_client
+from sinks.clickhouse import TABLE_COLUMNS, clickhouse_client
 
 #: Cards an investigator team checks per day in the handbook's protocol.
 CP_K = 100
@@ -108,7 +108,7 @@ ANY LEFT JOIN
 ) USING (txn_id)
 """
 
-_MODEL_METRICS_COLUMNS = ("computed_at", "run_id", "model", "day", "metric", "value", "n")
+_MODEL_METRICS_COLUMNS = TABLE_COLUMNS["model_metrics"]
 
 
 # --------------------------------------------------------------------------------------------

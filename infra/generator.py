@@ -444,12 +444,14 @@ class _Simulation:
         }
         merchant_w = [1.0 / (k + 1) for k in range(per_origin)]
         self.merchant_items: dict[str, list[int]] = {}
+        self.merchant_origin: dict[str, str] = {}
         for i, c in enumerate(self.item_cat):
             cat = CATEGORIES[c]
             origin = rng.choices(list(cat.origins), list(cat.origins.values()))[0]
             merchant = rng.choices(merchants[origin], merchant_w)[0]
             self.item_origin.append(origin)
             self.item_merchant.append(merchant)
+            self.merchant_origin[merchant] = origin
             self.merchant_items.setdefault(merchant, []).append(i)
         self.merchants = sorted(self.merchant_items, key=lambda m: int(m[1:]))
         # Popularity: a random rank inside the category, weight 1/rank (Zipf, s=1).
@@ -780,6 +782,7 @@ class _Simulation:
             "billing_country": billing,
             "ip_country": ip,
             "device_id": device_id,
+            "origin_country": self.merchant_origin[merchant],
         }
         # Optional fields are left out rather than sent as null (smaller, and what a real
         # producer omits): card-testing authorisations have no order and nothing to ship.

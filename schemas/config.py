@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     #: ``memory://`` (state rebuilt from changelog topics at start) or ``rocksdb://``.
     store: str = "memory://"
     worker_web_port: int = 16066
+    #: Address the worker's web server (/metrics, /health) binds: loopback by default;
+    #: ``0.0.0.0`` in a container, so Prometheus on the container network can scrape it.
+    worker_web_host: str = "127.0.0.1"
     #: Micro-batch: at most this many events; a batch is taken when the agent is free and
     #: its first event has waited ``batch_within_s`` (at once if that passed meanwhile).
     batch_max_events: int = Field(default=1000, ge=1)
@@ -86,6 +89,10 @@ class Settings(BaseSettings):
     #: Rows are buffered and inserted in one columnar block at this size or age.
     clickhouse_flush_rows: int = Field(default=20_000, ge=1)
     clickhouse_flush_interval_s: float = Field(default=1.0, gt=0)
+    #: Key of the keyed hash that replaces user and card ids before they reach ClickHouse
+    #: (sinks/pseudonym.py). The default is for the local stack only: set your own secret in
+    #: production, and keep it - a new key gives every user a new pseudonym.
+    pseudonym_key: SecretStr = SecretStr("borderflow-local-stack-only")
 
     # --- Fraud ---------------------------------------------------------------------------
     #: How the alert threshold is set: "fixed" (fraud_alert_threshold), "alert_rate" (alert on

@@ -140,6 +140,9 @@ class PaymentEvent(InboundEvent):
     ip_country: Country | None = None
     device_id: Id | None = None
     order_id: Id | None = None
+    #: Where the order ships from (the merchant's country): with ``shipping_country`` it names
+    #: the payment's cross-border corridor in the analytics tables.
+    origin_country: Country | None = None
 
     @property
     def txn_id(self) -> str:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from clickhouse_driver import Client
 
 from schemas.config import Settings
+from sinks.pseudonym import IdKind, Pseudonymiser
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,13 @@ SOURCE_COLUMNS = ("src_partition", "src_next_offset")
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "click_events": (
         "event_id", "ts", "ts_ms", "user_id", "session_id", "click_type", "item_id", "category",
-        "country", "amount_usd", "segment", "ingested_at", *SOURCE_COLUMNS,
+        "country", "amount_usd", "segment", "ingested_at", "origin_country", *SOURCE_COLUMNS,
     ),
     "fraud_scores": (
         "txn_id", "user_id", "card_id", "merchant_id", "ts", "ts_ms", "amount", "currency",
         "amount_usd", "score", "is_alert", "threshold", "reasons", "model_version",
-        "billing_country", "shipping_country", "ip_country", "scored_at", *SOURCE_COLUMNS,
+        "billing_country", "shipping_country", "ip_country", "scored_at", "origin_country",
+        *SOURCE_COLUMNS,
     ),
     "fraud_labels": (
         "txn_id", "user_id", "label", "ts", "ts_ms", "source", "ingested_at", *SOURCE_COLUMNS,
@@ -49,6 +51,11 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "event_id", "order_id", "user_id", "carrier", "origin_country", "dest_country", "status",
         "ts", "ts_ms", "promised_ts_ms", "location", "ingested_at", *SOURCE_COLUMNS,
     ),
+    "logistics_alerts": (
+        "alert_id", "kind", "order_id", "user_id", "ts", "ts_ms", "carrier", "origin_country",
+        "dest_country", "predicted_delivery_ts_ms", "promised_ts_ms", "reason", "ingested_at",
+    ),
+    "model_metrics": ("computed_at", "run_id", "model", "day", "metric", "value", "n"),
     "events_per_minute": ("minute", "topic", "event_type", "country", "events", "amount_usd"),
     "segment_mix_per_hour": ("hour", "country", "segment", "purchases", "revenue_usd"),
     "shipments": (
@@ -67,6 +74,18 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "personalised", "recs_age_ms", "ingested_at", *SOURCE_COLUMNS,
     ),
 }  # fmt: skip
+
+#: Columns holding personal identifiers: the writer replaces them with keyed pseudonyms
+#: (sinks/pseudonym.py) before every insert, so raw user and card ids never reach ClickHouse.
+PERSONAL_COLUMNS: dict[str, dict[str, IdKind]] = {
+    "click_events": {"user_id": "user"},
+    "fraud_scores": {"user_id": "user", "card_id": "card"},
+    "fraud_labels": {"user_id": "user"},
+    "shipment_events": {"user_id": "user"},
+    "shipments": {"user_id": "user"},
+    "rec_predictions": {"user_id": "user"},
+    "logistics_alerts": {"user_id": "user"},
+}
 
 #: The fact tables each input topic writes (they carry SOURCE_COLUMNS).
 FACT_TABLES: dict[str, tuple[str, ...]] = {
@@ -105,6 +124,7 @@ class ClickHouseWriter:
         observer: InsertObserver | None = None,
     ) -> None:
         self._settings = settings
+        self._pseudonymiser = Pseudonymiser.from_settings(settings)
         self._observer = observer
         self._client_factory = client_factory or (lambda: _connect(settings))
         self._flush_rows = settings.clickhouse_flush_rows
@@ -239,7 +259,7 @@ class ClickHouseWriter:
                         current = table
                         rows = batch.rows[table]
                         started = time.perf_counter()
-                        _insert_columnar(client, table, rows)
+                        _insert_columnar(client, table, rows, self._pseudonymiser)
                         elapsed = time.perf_counter() - started
                         del batch.rows[table]
                         self.inserts += 1
@@ -296,7 +316,13 @@ def _connect(settings: Settings) -> Client:
     return clickhouse_client(settings)
 
 
-def _insert_columnar(client: Any, table: str, rows: list[tuple[Any, ...]]) -> None:
+def _insert_columnar(
+    client: Any, table: str, rows: list[tuple[Any, ...]], pseudonymiser: Pseudonymiser
+) -> None:
     columns = TABLE_COLUMNS[table]
     data = [list(column) for column in zip(*rows, strict=True)]
+    for name, kind in PERSONAL_COLUMNS.get(table, {}).items():
+        index = columns.index(name)
+        pseudonym = pseudonymiser.pseudonym
+        data[index] = [pseudonym(value, kind) for value in data[index]]
     client.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES", data, columnar=True)

@@ -105,7 +105,7 @@ def build_app(settings: Settings) -> faust.App:
         # owner processes them again, and every sink and model absorbs the repeat.
         stream_wait_empty=False,
         producer_linger=0.005,
-        web_host="127.0.0.1",
+        web_host=settings.worker_web_host,
         web_port=settings.worker_web_port,
     )
 

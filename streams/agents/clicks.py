@@ -102,6 +102,7 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
             click.event_id, click.ts // 1000, click.ts, click.user_id, click.session_id,
             click.type, click.item_id or "", click.category or "", country, amount,
             profile.segment if click.type == "purchase" else "", ingested_at,
+            click.origin_country or "",
         ))  # fmt: skip
         if rank is not None:
             recs_size, personalised, served_at_ts = served

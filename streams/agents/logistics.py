@@ -62,6 +62,15 @@ def shipment_view(shipment: Shipment, lang: str, updated_at_ms: int) -> dict[str
     }
 
 
+def alert_row(alert: LogisticsAlert, ingested_at: int) -> tuple[Any, ...]:
+    """The ``logistics_alerts`` row of an alert."""
+    return (
+        alert.alert_id, alert.kind, alert.order_id, alert.user_id, alert.ts // 1000, alert.ts,
+        alert.carrier, alert.origin_country, alert.dest_country,
+        alert.predicted_delivery_ts or 0, alert.promised_ts or 0, alert.reason, ingested_at,
+    )  # fmt: skip
+
+
 def completion_row(shipment: Shipment, version_ts: int, ingested_at: int) -> tuple[Any, ...]:
     """The ``shipments`` row of a completed (delivered or returned) order."""
     delivered = shipment.delivered_ts > 0
@@ -156,9 +165,12 @@ async def process_scans(runtime: Runtime, events: Sequence[faust.EventT]) -> int
         facts.add("shipments", event, row)
     alerts.extend(_overdue_customs(batch, engine.watermark_ms))
     await _publish(runtime, batch, views, alerts)
+    # Alerts are not position-tagged facts (a customs alert is raised by the event-time
+    # watermark, not by one scan); their stable ids make a repeat replace its row instead.
+    alert_rows = [alert_row(alert, ingested_at) for alert in alerts]
     await runtime.finish_batch(
         events,
-        facts.rows,  # events_per_minute/hour are views over shipment_events
+        {**facts.rows, "logistics_alerts": alert_rows},  # rollups are views over the facts
         {LOGISTICS: len(scans)},
     )
     return len(scans)

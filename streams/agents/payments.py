@@ -83,6 +83,7 @@ async def process_payments(runtime: Runtime, events: Sequence[faust.EventT]) -> 
                 scored.amount_usd, scored.score.score, int(scored.is_alert), scored.threshold,
                 scored.score.reasons, scored.score.model_version, payment.billing_country or "",
                 payment.shipping_country or "", payment.ip_country or "", scored_at,
+                payment.origin_country or "",
             ))  # fmt: skip
             if scored.is_alert:
                 alerts.append(alert_for(scored))

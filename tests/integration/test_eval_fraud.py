@@ -76,6 +76,7 @@ def score_row(p: Payment, scored_at: int = 1_000) -> tuple[Any, ...]:
         "shipping_country": "DE",
         "ip_country": "DE",
         "scored_at": scored_at,
+        "origin_country": "CN",
         "src_partition": 0,
         "src_next_offset": 0,
     }

@@ -23,6 +23,7 @@ from models.shipments import status_text
 from schemas.config import Settings
 from schemas.events import ALL_TOPICS
 from sinks.kafka import EventProducer, TopicReader, ensure_topics
+from sinks.pseudonym import Pseudonymiser
 from tests.integration.test_pipeline import query, redis_read, wait_until
 
 pytestmark = pytest.mark.integration
@@ -161,6 +162,18 @@ def test_a_delayed_shipment_produces_exactly_one_alert(logistics: Settings) -> N
     assert mine[0]["alert_id"] == f"{order}:predicted_late"
     assert mine[0]["predicted_delivery_ts"] > promised == mine[0]["promised_ts"]
     assert float(shipment(logistics, order)["delay_risk"]) > 0.5
+    # Analysts see it once in ClickHouse (the repeat did not raise it again), pseudonymised.
+    stored = wait_until(
+        lambda: query(
+            logistics,
+            "SELECT alert_id, kind, user_id, carrier, origin_country, dest_country "
+            f"FROM alerts WHERE ref_id = '{order}'",
+        ),
+        what="logistics alert in ClickHouse",
+    )
+    assert [row[:2] for row in stored] == [(f"{order}:predicted_late", "predicted_late")]
+    assert stored[0][2] == Pseudonymiser.from_settings(logistics).pseudonym(user, "user")
+    assert stored[0][3:] == (mine[0]["carrier"], mine[0]["origin_country"], mine[0]["dest_country"])
 
 
 def test_route_kpis_match_the_generated_ground_truth(logistics: Settings) -> None:

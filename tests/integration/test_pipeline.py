@@ -23,6 +23,7 @@ from infra.processes import WorkerProcess, isolated, start_worker, wait_processe
 from schemas.config import Settings
 from schemas.events import ALL_TOPICS
 from sinks.kafka import EventProducer, TopicReader, ensure_topics
+from sinks.pseudonym import Pseudonymiser
 from sinks.redis_store import RedisStore
 from sinks.storefront_client import StorefrontClient
 
@@ -118,6 +119,11 @@ def redis_read(settings: Settings, method: str, *args: Any) -> Any:
     return asyncio.run(read())
 
 
+def pseudonym(settings: Settings, user_id: str) -> str:
+    """How ``user_id`` appears in ClickHouse."""
+    return Pseudonymiser.from_settings(settings).pseudonym(user_id, "user")
+
+
 def query(settings: Settings, sql: str) -> list[tuple[Any, ...]]:
     client = clickhouse_client(settings, settings.clickhouse_database)
     try:
@@ -193,6 +199,7 @@ def test_storefront_client_reads_recs_profile_bought_together_and_fallbacks(
     pipeline: Settings,
 ) -> None:
     user = f"u-{uuid.uuid4().hex[:8]}"
+    user_pid = pseudonym(pipeline, user)  # how ClickHouse holds it
     teacher = f"u-{uuid.uuid4().hex[:8]}"
     tag = uuid.uuid4().hex[:6]
     phone, case, charger = f"{tag}-phone", f"{tag}-case", f"{tag}-charger"
@@ -262,7 +269,7 @@ def test_storefront_client_reads_recs_profile_bought_together_and_fallbacks(
     rows = wait_until(
         lambda: query(
             pipeline,
-            f"SELECT event_id, hit_rank FROM rec_predictions FINAL WHERE user_id = '{user}' "
+            f"SELECT event_id, hit_rank FROM rec_predictions FINAL WHERE user_id = '{user_pid}' "
             "ORDER BY ts_ms",
         ),
         what="rec_predictions rows",
@@ -281,6 +288,7 @@ def test_storefront_client_reads_recs_profile_bought_together_and_fallbacks(
 
 def test_payments_are_scored_and_card_testing_raises_an_alert(pipeline: Settings) -> None:
     user = f"u-{uuid.uuid4().hex[:8]}"
+    user_pid = pseudonym(pipeline, user)  # how ClickHouse holds it
     # Card testing: tiny authorisations within minutes, then a large charge on the same card.
     probes = [payment(user, f"{user}-t{i}", 600 + i * 0.5, 1.0) for i in range(5)]
     big = payment(user, f"{user}-big", 604, 900.0)
@@ -291,9 +299,14 @@ def test_payments_are_scored_and_card_testing_raises_an_alert(pipeline: Settings
             query(
                 pipeline,
                 f"SELECT txn_id, score, is_alert, reasons FROM fraud_scores FINAL "
-                f"WHERE user_id = '{user}' ORDER BY ts_ms",
+                f"WHERE user_id = '{user_pid}' ORDER BY ts_ms",
             )
-            if len(query(pipeline, f"SELECT txn_id FROM fraud_scores WHERE user_id = '{user}'"))
+            if len(
+                query(
+                    pipeline,
+                    f"SELECT txn_id FROM fraud_scores WHERE user_id = '{user_pid}'",
+                )
+            )
             >= 7
             else None
         ),
@@ -304,6 +317,21 @@ def test_payments_are_scored_and_card_testing_raises_an_alert(pipeline: Settings
     assert by_txn[normal["event_id"]][1] == 0
     assert by_txn[big["event_id"]][1] == 1
     assert any("card testing" in reason for reason in by_txn[big["event_id"]][2])
+
+    # ClickHouse holds keyed pseudonyms only: neither the raw user nor the card id.
+    raw = query(
+        pipeline,
+        f"SELECT count() FROM fraud_scores WHERE user_id = '{user}' OR card_id = 'card-{user}'",
+    )
+    assert raw == [(0,)]
+    [(card,)] = query(
+        pipeline, f"SELECT any(card_id) FROM fraud_scores WHERE txn_id = '{big['event_id']}'"
+    )
+    assert card == Pseudonymiser.from_settings(pipeline).pseudonym(f"card-{user}", "card")
+    # The fraud alert is in the `alerts` view too, with the same pseudonym.
+    assert query(
+        pipeline, f"SELECT kind, user_id FROM alerts WHERE ref_id = '{big['event_id']}'"
+    ) == [("fraud", pseudonym(pipeline, user))]
 
     alerts = [orjson.loads(m.value()) for m in read_topic(pipeline, "fraud-alerts")]
     mine = [a for a in alerts if a["user_id"] == user]
@@ -324,6 +352,7 @@ def test_payments_are_scored_and_card_testing_raises_an_alert(pipeline: Settings
 
 def test_labels_and_shipments_reach_clickhouse(pipeline: Settings) -> None:
     user = f"u-{uuid.uuid4().hex[:8]}"
+    user_pid = pseudonym(pipeline, user)  # how ClickHouse holds it
     send(pipeline, "payments", payment(user, f"{user}-p", 5, 30.0, order_id=f"{user}-o"))
     send(
         pipeline,
@@ -358,7 +387,8 @@ def test_labels_and_shipments_reach_clickhouse(pipeline: Settings) -> None:
     )
     labels = wait_until(
         lambda: query(
-            pipeline, f"SELECT txn_id, label, source FROM fraud_labels WHERE user_id = '{user}'"
+            pipeline,
+            f"SELECT txn_id, label, source FROM fraud_labels WHERE user_id = '{user_pid}'",
         ),
         what="fraud_labels row",
     )
@@ -370,7 +400,7 @@ def test_labels_and_shipments_reach_clickhouse(pipeline: Settings) -> None:
                 rows := query(
                     pipeline,
                     f"SELECT status, carrier, dest_country, promised_ts_ms FROM shipment_events "
-                    f"WHERE user_id = '{user}' ORDER BY ts_ms",
+                    f"WHERE user_id = '{user_pid}' ORDER BY ts_ms",
                 )
             )
             == 4
@@ -400,6 +430,7 @@ def test_malformed_events_are_dead_lettered_and_valid_ones_keep_flowing(
     pipeline: Settings,
 ) -> None:
     user = f"u-{uuid.uuid4().hex[:8]}"
+    user_pid = pseudonym(pipeline, user)  # how ClickHouse holds it
     not_json = b"{this is not json"
     missing_amount = orjson.dumps({k: v for k, v in payment(user, "x1", 1, 1.0).items()
                                    if k != "amount"})  # fmt: skip
@@ -415,7 +446,7 @@ def test_malformed_events_are_dead_lettered_and_valid_ones_keep_flowing(
             if len(
                 rows := query(
                     pipeline,
-                    f"SELECT txn_id FROM fraud_scores FINAL WHERE user_id = '{user}' "
+                    f"SELECT txn_id FROM fraud_scores FINAL WHERE user_id = '{user_pid}' "
                     "ORDER BY txn_id",
                 )
             )

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from infra.cli import cli
 from infra.migrate import clickhouse_client, migrate
 from schemas.config import Settings
+from sinks.clickhouse import TABLE_COLUMNS
 
 pytestmark = pytest.mark.integration
 
@@ -50,9 +51,9 @@ def test_retention_drops_old_months_and_keeps_recent_data(database: Settings) ->
     try:
         for n, ts in enumerate((OLD, NEW)):  # the rollups are views over click_events
             client.execute(
-                "INSERT INTO click_events VALUES",
+                f"INSERT INTO click_events ({', '.join(TABLE_COLUMNS['click_events'])}) VALUES",
                 [(f"e{n}", ts, ts * 1000, "u1", "s1", "view", "i1", "shoes", "DE", 0.0, "",
-                  0, n + 1, ts)],
+                  ts, "CN", 0, n + 1)],
             )  # fmt: skip
         for order, completed in (("old", OLD), ("new", NEW)):
             client.execute(

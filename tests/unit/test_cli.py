@@ -185,3 +185,18 @@ def test_any_other_failure_becomes_one_line(
     _add_failing_command(monkeypatch, RuntimeError("unexpected"))
     assert _run_main(monkeypatch, "boom") != 0
     assert capsys.readouterr().err == "borderflow: error: RuntimeError: unexpected\n"
+
+
+def test_pseudonym_prints_what_clickhouse_holds_for_each_id() -> None:
+    settings = Settings(pseudonym_key="k-test")
+    result = CliRunner().invoke(cli, ["pseudonym", "u1", "u2"], obj=settings)
+    assert result.exit_code == 0, result.output
+    from sinks.pseudonym import Pseudonymiser
+
+    expected = Pseudonymiser(b"k-test")
+    assert result.output.splitlines() == [
+        f"u1\t{expected.pseudonym('u1', 'user')}",
+        f"u2\t{expected.pseudonym('u2', 'user')}",
+    ]
+    card = CliRunner().invoke(cli, ["pseudonym", "--kind", "card", "u1"], obj=settings)
+    assert card.output.split("\t")[1].strip() == expected.pseudonym("u1", "card")

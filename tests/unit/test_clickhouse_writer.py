@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from schemas.config import Settings
-from sinks.clickhouse import TABLE_COLUMNS, ClickHouseWriter
+from sinks.clickhouse import PERSONAL_COLUMNS, TABLE_COLUMNS, ClickHouseWriter
+from sinks.pseudonym import Pseudonymiser
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -95,10 +96,12 @@ def make_writer(fake: FakeLog) -> Iterator[Any]:
             writer.close(timeout=WAIT)
 
 
-def label_row(i: int) -> tuple[Any, ...]:
+def label_row(i: int, user_id: str = "") -> tuple[Any, ...]:
+    # No user id by default: an empty id is stored as it is, and the pseudonym tests below
+    # cover the personal columns.
     return (
         f"t{i}",
-        f"u{i}",
+        user_id,
         "fraud",
         1_767_225_600 + i,
         1_767_225_600_000 + i,
@@ -327,16 +330,42 @@ def test_add_never_blocks_even_beyond_capacity(fake: FakeLog, make_writer: Any) 
     assert len(fake.rows("fraud_labels")) == 10
 
 
+# -- pseudonyms ---------------------------------------------------------------------------------
+
+
+def test_personal_ids_reach_clickhouse_only_as_keyed_pseudonyms(
+    fake: FakeLog, make_writer: Any
+) -> None:
+    writer = make_writer()
+    writer.add("fraud_labels", [label_row(0, "alice"), label_row(1, "bob"), label_row(2, "alice")])
+    assert writer.flush(WAIT)
+    stored = [row[1] for row in fake.rows("fraud_labels")]
+    assert "alice" not in stored and "bob" not in stored
+    assert stored[0] == stored[2] != stored[1]  # stable per user, so counts and joins hold
+    pseudonyms = Pseudonymiser.from_settings(settings())
+    assert stored[0] == pseudonyms.pseudonym("alice", "user")
+
+
+def test_every_personal_column_is_a_column_of_its_table() -> None:
+    for table, columns in PERSONAL_COLUMNS.items():
+        assert set(columns) <= set(TABLE_COLUMNS[table]), table
+    # Every table with a user or card id column is covered.
+    for table, columns in TABLE_COLUMNS.items():
+        for name in ("user_id", "card_id"):
+            if name in columns:
+                assert name in PERSONAL_COLUMNS.get(table, {}), (table, name)
+
+
 # -- close --------------------------------------------------------------------------------------
 
 
 def test_close_flushes_and_stops(fake: FakeLog) -> None:
     writer = ClickHouseWriter(settings(), client_factory=fake.factory)
     fired = threading.Event()
-    writer.add("shipment_events", [tuple(range(12))], on_durable=fired.set)
+    writer.add("fraud_labels", [label_row(0)], on_durable=fired.set)
     writer.close(timeout=WAIT)
     assert fired.is_set()
-    assert fake.rows("shipment_events") == [tuple(range(12))]
+    assert fake.rows("fraud_labels") == [label_row(0)]
     assert not writer._thread.is_alive()
     with pytest.raises(RuntimeError, match="closed"):
-        writer.add("shipment_events", [tuple(range(12))])
+        writer.add("fraud_labels", [label_row(1)])
