@@ -1,8 +1,10 @@
-"""docker-compose.yml, .env.example, Dockerfile and the Grafana provisioning, checked as files.
+"""docker-compose.yml, .env.example, Dockerfile, Prometheus and Grafana provisioning, as files.
 
 There is no Docker engine on the build machine, so these tests are what keeps the production
 path honest: they read the files and compare them with the code they configure (Settings, the
-ClickHouse migrations, the CLI entry point) instead of starting containers.
+ClickHouse migrations, the CLI entry point, the worker's Prometheus registry) instead of
+starting containers. tests/integration/test_dashboard.py runs the dashboard's ClickHouse
+queries on the local stack.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import re
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
+from urllib.parse import urlparse
 
 import pytest
 import yaml
 
 from schemas.config import Settings
+from streams.metrics import WorkerMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
@@ -26,17 +31,83 @@ ENV_EXAMPLE = REPO / ".env.example"
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 GRAFANA = REPO / "infra" / "grafana"
-DATASOURCE = GRAFANA / "provisioning" / "datasources" / "clickhouse.yaml"
+DATASOURCES = GRAFANA / "provisioning" / "datasources"
+DATASOURCE = DATASOURCES / "clickhouse.yaml"
 DASHBOARD_PROVIDER = GRAFANA / "provisioning" / "dashboards" / "borderflow.yaml"
 DASHBOARD = GRAFANA / "dashboards" / "borderflow.json"
 MIGRATIONS = REPO / "infra" / "migrations"
+PROMETHEUS_CONFIG = REPO / "infra" / "prometheus" / "prometheus.yml"
 
-INFRA = ("kafka", "redis", "clickhouse", "grafana")
-#: Services the worker cannot run without (Grafana only reads what the worker wrote).
+INFRA = ("kafka", "redis", "clickhouse", "prometheus", "grafana")
+#: Services the worker cannot run without (Grafana and Prometheus only read what it offers).
 WORKER_NEEDS = ("kafka", "redis", "clickhouse")
-#: The tables the dashboard is allowed to read (database ``borderflow``).
-DASHBOARD_TABLES = {"events_per_minute", "fraud_scores", "shipment_events", "fraud_labels"}
+#: The tables and views the dashboard is allowed to read (database ``borderflow``).
+DASHBOARD_TABLES = {
+    "events_per_minute",
+    "activity_per_hour",
+    "click_events",
+    "fraud_scores",
+    "fraud_labels",
+    "shipment_events",
+    "shipments",
+    "alerts",
+    "rec_predictions",
+    "rec_quality",
+}
 DATABASE = "borderflow"
+#: The provisioned datasources' fixed uids (the dashboard JSON names them) and types.
+CLICKHOUSE_UID = "borderflow-clickhouse"
+PROMETHEUS_UID = "borderflow-prometheus"
+DATASOURCE_TYPES = {CLICKHOUSE_UID: "grafana-clickhouse-datasource", PROMETHEUS_UID: "prometheus"}
+#: Dashboard areas: a row whose title contains the key, and what its panels must read
+#: (exposition names of worker metrics, ClickHouse tables, SQL fragments).
+DASHBOARD_AREAS: dict[str, dict[str, set[str]]] = {
+    "Throughput": {
+        "metrics": {
+            "borderflow_events_processed_total",
+            "borderflow_clickhouse_rows_written_total",
+        },
+        "tables": {"events_per_minute", "activity_per_hour"},
+        "sql": set(),
+    },
+    "Pipeline": {
+        "metrics": {
+            "borderflow_consumer_lag_messages",
+            "borderflow_batch_size_events_bucket",
+            "borderflow_clickhouse_insert_duration_seconds_bucket",
+            "borderflow_clickhouse_insert_failures_total",
+            "borderflow_deadletters_total",
+        },
+        "tables": {"click_events"},
+        "sql": {"ingested_at", "ts_ms"},  # pipeline delay: stored minus event time
+    },
+    "Fraud": {
+        "metrics": set(),
+        "tables": {"activity_per_hour", "fraud_scores", "fraud_labels"},
+        "sql": {"origin_country", "dest_country", "toStartOfDay"},  # corridors, precision by day
+    },
+    "Logistics": {
+        "metrics": set(),
+        "tables": {"alerts", "shipments", "shipment_events"},
+        "sql": {"kind != 'fraud'", "carrier", "customs_hours"},
+    },
+    "Recommendations": {
+        "metrics": {"borderflow_rec_hits_total", "borderflow_rec_predictions_total"},
+        "tables": {"rec_quality", "rec_predictions"},
+        "sql": {"hits_10", "hits_20", "rr_20", "personalised"},
+    },
+}
+#: The series a Prometheus metric family exposes, by type (prometheus-client's exposition).
+_SERIES_SUFFIXES = {
+    "counter": ("_total",),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_sum", "_count"),
+}
+#: PromQL words that are neither metrics nor functions.
+_PROMQL_KEYWORDS = {
+    "and", "or", "unless", "bool", "offset", "inf", "nan",
+    "by", "without", "on", "ignoring", "group_left", "group_right",
+}  # fmt: skip
 
 _ENV_PREFIX = str(Settings.model_config.get("env_prefix", ""))
 _SETTINGS_FIELDS = {name.lower() for name in Settings.model_fields}
@@ -56,6 +127,10 @@ _NOT_ON_18_16 = (
     "JSONExtract",
     " OVER (",
     " OVER(",
+    "fromUnixTimestamp64",
+    "$__timeFilter_ms",  # expand to fromUnixTimestamp64Milli
+    "$__fromTime_ms",
+    "$__toTime_ms",
 )
 
 
@@ -116,6 +191,14 @@ def _published_port(port: Any) -> int:
     return int(str(port).split("/", 1)[0].rsplit(":", 2)[-2])
 
 
+def _published(port: Any) -> tuple[str | None, int, int]:
+    """(host address, host port, container port) of one ``ports`` entry."""
+    if isinstance(port, dict):
+        return port.get("host_ip"), int(port["published"]), int(port["target"])
+    parts = str(port).split("/", 1)[0].rsplit(":", 2)
+    return (parts[0] if len(parts) == 3 else None), int(parts[-2]), int(parts[-1])
+
+
 def _migration_engines() -> dict[str, str]:
     """Table name -> engine, from the CREATE TABLE statements of the ClickHouse migrations."""
     engines: dict[str, str] = {}
@@ -129,10 +212,100 @@ def _migration_engines() -> dict[str, str]:
     return engines
 
 
+def _migration_views() -> set[str]:
+    """Names of the (materialized) views the ClickHouse migrations create."""
+    view = re.compile(
+        r"CREATE\s+(?:MATERIALIZED\s+)?VIEW\s+(?:IF\s+NOT\s+EXISTS\s+)?(?:\w+\.)?(\w+)", re.I
+    )
+    return {name for path in MIGRATIONS.glob("*.sql") for name in view.findall(path.read_text())}
+
+
 def _dashboard_queries(dashboard: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(panel title, target) of every ClickHouse query."""
+    for title, target in _dashboard_targets(dashboard):
+        if target["datasource"]["uid"] == CLICKHOUSE_UID:
+            yield title, target
+
+
+def _prometheus_queries(dashboard: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for title, target in _dashboard_targets(dashboard):
+        if target["datasource"]["uid"] == PROMETHEUS_UID:
+            yield title, target
+
+
+def _dashboard_targets(dashboard: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     for panel in dashboard["panels"]:
         for target in panel.get("targets", []):
             yield panel["title"], target
+
+
+def _rows(dashboard: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Row title -> the panels under it (the dashboard's flat layout, rows not collapsed)."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    current: list[dict[str, Any]] | None = None
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            assert not panel.get("collapsed"), f"{panel['title']}: keep rows expanded"
+            current = rows.setdefault(panel["title"], [])
+        else:
+            assert current is not None, f"{panel['title']} is above the first row"
+            current.append(panel)
+    return rows
+
+
+def _sql_tables(sql: str) -> set[str]:
+    return {
+        ref.rpartition(".")[2]
+        for ref in re.findall(r"\b(?:FROM|JOIN)\s+([A-Za-z_][\w.]*)", sql, re.IGNORECASE)
+    }
+
+
+def _promql_metrics(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects.
+
+    Strings, label matchers, range/subquery brackets, grouping clauses and Grafana variables
+    are removed first; what remains that is not followed by ``(`` (functions, aggregations)
+    and is not a keyword is a metric name.
+    """
+    text = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', '""', expr)
+    text = re.sub(r"\{[^}]*\}", " ", text)
+    text = re.sub(r"\[[^\]]*\]", " ", text)
+    text = re.sub(
+        r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text, flags=re.I
+    )
+    text = re.sub(r"\$\w+", " ", text)
+    names = set()
+    for match in re.finditer(r"(?<![\w.])[A-Za-z_:][\w:]*", text):
+        if text[match.end() :].lstrip().startswith("("):
+            continue
+        if match[0].lower() in _PROMQL_KEYWORDS:
+            continue
+        names.add(match[0])
+    return names
+
+
+def _exported_series() -> set[str]:
+    """Every series name the worker's registry exposes, read from the registry itself.
+
+    The scrape-time gauges are only yielded while a runtime is attached, so a stand-in
+    runtime with nothing running is attached first (families are yielded without samples).
+    """
+    settings = Settings.model_construct()
+    metrics = WorkerMetrics(settings)
+    metrics.runtime = cast(
+        Any,
+        SimpleNamespace(
+            settings=settings,
+            topology=SimpleNamespace(app=SimpleNamespace(_consumer=None)),
+            _clickhouse=None,
+            fraud_engines={},
+            serving=SimpleNamespace(logistics=SimpleNamespace(stats=dict)),
+        ),
+    )
+    names: set[str] = set()
+    for family in metrics.registry.collect():
+        names.update(family.name + suffix for suffix in _SERIES_SUFFIXES[family.type])
+    return names
 
 
 # --- fixtures -------------------------------------------------------------------------------
@@ -158,6 +331,22 @@ def datasource() -> dict[str, Any]:
     return yaml.safe_load(DATASOURCE.read_text())
 
 
+@pytest.fixture(scope="module")
+def datasources() -> dict[str, dict[str, Any]]:
+    """uid -> datasource, over every provisioning file."""
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(DATASOURCES.glob("*.y*ml")):
+        for source in yaml.safe_load(path.read_text())["datasources"]:
+            assert source["uid"] not in found, f"uid {source['uid']} provisioned twice"
+            found[source["uid"]] = source
+    return found
+
+
+@pytest.fixture(scope="module")
+def prometheus_config() -> dict[str, Any]:
+    return yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+
+
 # --- compose: shape -------------------------------------------------------------------------
 
 
@@ -173,7 +362,7 @@ def test_every_published_port_binds_loopback(services: dict[str, Any]) -> None:
             for host_ip in _published_host_ips(port):
                 published += 1
                 assert host_ip == "127.0.0.1", f"{name} publishes {port!r} beyond loopback"
-    assert published >= 5  # kafka, redis, clickhouse x2, grafana: the loop really ran
+    assert published >= 6  # kafka, redis, clickhouse x2, prometheus, grafana: the loop ran
 
 
 def test_host_ports_match_local_stack_defaults(services: dict[str, Any]) -> None:
@@ -215,6 +404,7 @@ def test_migrate_and_generator_wait_too(services: dict[str, Any]) -> None:
     assert generator["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert generator["profiles"] == ["demo"], "synthetic traffic must not start by default"
     assert services["grafana"]["depends_on"]["clickhouse"]["condition"] == "service_healthy"
+    assert "prometheus" in services["grafana"]["depends_on"]
 
 
 def test_app_services_run_the_cli(services: dict[str, Any]) -> None:
@@ -287,6 +477,8 @@ def test_container_environment_builds_settings(
     assert clickhouse_env["CLICKHOUSE_DB"] == settings.clickhouse_database
     if name == "worker":
         assert settings.store == "memory://"  # rocksdb:// needs an extra the image lacks
+        # Reachable from the compose network (Prometheus), not only from its own loopback.
+        assert settings.worker_web_host == "0.0.0.0"  # noqa: S104 - inside the container
 
 
 def test_env_example_parses_into_settings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -298,6 +490,86 @@ def test_env_example_parses_into_settings(monkeypatch: pytest.MonkeyPatch) -> No
     # The host-side view of the compose stack: the published loopback ports.
     assert settings.kafka_bootstrap == "127.0.0.1:19092"
     assert settings.clickhouse_database == DATABASE
+
+
+# --- prometheus ---------------------------------------------------------------------------
+
+
+def _flags(command: list[str]) -> dict[str, str]:
+    return dict(arg.split("=", 1) for arg in command if arg.startswith("--") and "=" in arg)
+
+
+def test_prometheus_service(services: dict[str, Any]) -> None:
+    prometheus = services["prometheus"]
+    image, _, tag = prometheus["image"].partition(":")
+    assert image == "prom/prometheus"
+    assert re.fullmatch(r"v\d+\.\d+\.\d+", tag), f"pin a release, not {tag!r}"
+    flags = {key: _interpolate(value) for key, value in _flags(prometheus["command"]).items()}
+    mounts = dict(volume.split(":")[:2] for volume in prometheus["volumes"])
+    # The config in git is what the container reads, and the TSDB lives on a named volume.
+    assert mounts["./infra/prometheus/prometheus.yml"] == flags["--config.file"]
+    assert PROMETHEUS_CONFIG.is_file()
+    assert flags["--storage.tsdb.path"] in mounts.values()
+    assert not flags["--storage.tsdb.path"].startswith("./")
+    retention = flags.get("--storage.tsdb.retention.time") or flags.get(
+        "--storage.tsdb.retention.size"
+    )
+    assert retention and re.fullmatch(r"\d+[smhdwyKMGTPE]B?", retention), "set a retention"
+    ((host_ip, host_port, container_port),) = map(_published, prometheus["ports"])
+    assert (host_ip, host_port, container_port) == ("127.0.0.1", 19090, 9090)
+
+
+def test_prometheus_scrapes_the_worker(
+    services: dict[str, Any], prometheus_config: dict[str, Any]
+) -> None:
+    """The scrape target is the compose worker service on its BORDERFLOW_WORKER_WEB_PORT."""
+    worker_env = {
+        k: _interpolate(v) for k, v in _env_dict(services["worker"]["environment"]).items()
+    }
+    port = int(worker_env["BORDERFLOW_WORKER_WEB_PORT"])
+    targets: set[tuple[str, int]] = set()
+    for job in prometheus_config["scrape_configs"]:
+        if job.get("metrics_path", "/metrics") != "/metrics":
+            continue
+        for static in job.get("static_configs", []):
+            for target in static["targets"]:
+                host, _, target_port = target.rpartition(":")
+                targets.add((host, int(target_port)))
+        for sd in job.get("dns_sd_configs", []):
+            assert sd.get("type", "SRV") == "A", "compose DNS answers A records, not SRV"
+            targets.update((name, int(sd["port"])) for name in sd["names"])
+    assert ("worker", port) in targets, f"no job scrapes worker:{port}/metrics: {targets}"
+    assert "worker" in services
+    # The port is the container's own (the worker publishes nothing to the host).
+    assert str(port) in [str(p) for p in services["worker"].get("expose", [])]
+    assert not services["worker"].get("ports")
+
+
+def test_worker_healthcheck_reads_health(services: dict[str, Any]) -> None:
+    healthcheck = services["worker"]["healthcheck"]
+    test = healthcheck["test"]
+    command = " ".join(test[1:]) if isinstance(test, list) else test
+    # The image is python:3.11-slim: python is there, curl and wget are not.
+    assert test[0] in ("CMD", "CMD-SHELL") and test[1] == "python"
+    assert "/health" in command and "BORDERFLOW_WORKER_WEB_PORT" in command
+    assert "curl" not in command and "wget" not in command
+    assert healthcheck.get("start_period"), "group join and table recovery take a while"
+
+
+def test_env_example_sets_every_compose_variable() -> None:
+    """Each ${NAME} compose fills from .env has a line in .env.example to copy."""
+    referenced = {
+        match["braced"] or match["bare"]
+        for match in _INTERPOLATION.finditer(COMPOSE.read_text())
+        if match[0] != "$$"
+    }
+    defined = {
+        line.split("=", 1)[0].strip()
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if "=" in line and not line.lstrip().startswith("#")
+    }
+    assert "PROMETHEUS_RETENTION" in referenced
+    assert referenced <= defined, f"missing from .env.example: {sorted(referenced - defined)}"
 
 
 # --- image ----------------------------------------------------------------------------------
@@ -354,25 +626,122 @@ def test_datasource_points_at_clickhouse_service(
         assert name in grafana_env, f"datasource uses ${name}, which grafana does not get"
 
 
-def test_dashboard_uses_the_provisioned_datasource(
-    dashboard: dict[str, Any], datasource: dict[str, Any]
+def test_both_datasources_are_provisioned_with_fixed_uids(
+    datasources: dict[str, dict[str, Any]],
+    services: dict[str, Any],
+    prometheus_config: dict[str, Any],
 ) -> None:
-    uid = datasource["datasources"][0]["uid"]
+    assert {uid: source["type"] for uid, source in datasources.items()} == DATASOURCE_TYPES
+    defaults = [uid for uid, source in datasources.items() if source.get("isDefault")]
+    assert defaults == [CLICKHOUSE_UID]
+    prometheus = datasources[PROMETHEUS_UID]
+    url = urlparse(prometheus["url"])
+    # The compose service on the compose network, on its container port.
+    ((_, _, container_port),) = map(_published, services["prometheus"]["ports"])
+    assert (url.hostname, url.port) == ("prometheus", container_port)
+    assert prometheus.get("access", "proxy") == "proxy", "the browser cannot reach prometheus:9090"
+    # $__rate_interval assumes the scrape interval Grafana is told about.
+    scrape_interval = prometheus_config["global"]["scrape_interval"]
+    assert prometheus["jsonData"]["timeInterval"] == scrape_interval
+    for job in prometheus_config["scrape_configs"]:
+        assert job.get("scrape_interval", scrape_interval) == scrape_interval, job["job_name"]
+
+
+def test_dashboard_uses_the_provisioned_datasources(
+    dashboard: dict[str, Any], datasources: dict[str, dict[str, Any]]
+) -> None:
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
-    queries = list(_dashboard_queries(dashboard))
-    assert len(queries) >= 10
+    titles = [panel["title"] for panel in dashboard["panels"]]
+    assert len(titles) == len(set(titles)), "panel titles must be unique (tests name them)"
+    assert len(list(_dashboard_queries(dashboard))) >= 10
+    assert len(list(_prometheus_queries(dashboard))) >= 10
     kinds = {panel["type"] for panel in dashboard["panels"]}
     assert {"timeseries", "stat", "table"} <= kinds
-    for title, target in queries:
-        assert target["datasource"]["uid"] == uid, title
-        assert target["editorType"] == "sql", title
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            title, source = panel["title"], target["datasource"]
+            assert source["uid"] in datasources, f"{title}: unknown datasource {source}"
+            assert source["type"] == datasources[source["uid"]]["type"], title
+            assert panel["datasource"] == source, f"{title}: one datasource per panel"
+            if source["uid"] == CLICKHOUSE_UID:
+                assert target["editorType"] == "sql", title
+                assert target["rawSql"].strip(), title
+            else:
+                assert target["expr"].strip(), title
+        refs = [target["refId"] for target in panel.get("targets", [])]
+        assert len(refs) == len(set(refs)), f"{panel['title']}: refIds must be unique"
+
+
+def test_dashboard_layout_has_no_overlaps(dashboard: dict[str, Any]) -> None:
+    taken: dict[tuple[int, int], str] = {}
+    for panel in dashboard["panels"]:
+        pos = panel["gridPos"]
+        assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24, panel["title"]
+        for y in range(pos["y"], pos["y"] + pos["h"]):
+            for x in range(pos["x"], pos["x"] + pos["w"]):
+                other = taken.setdefault((x, y), panel["title"])
+                assert other == panel["title"], f"{panel['title']} overlaps {other}"
+
+
+def test_dashboard_covers_every_area(dashboard: dict[str, Any]) -> None:
+    """One row per area; each row's panels read the metrics and tables that area is about."""
+    rows = _rows(dashboard)
+    for area, needs in DASHBOARD_AREAS.items():
+        titles = [title for title in rows if area.lower() in title.lower()]
+        assert len(titles) == 1, f"want one row titled like {area!r}, rows: {list(rows)}"
+        panels = rows[titles[0]]
+        assert panels, f"row {titles[0]} is empty"
+        targets = [target for panel in panels for target in panel.get("targets", [])]
+        sql = "\n".join(target.get("rawSql", "") for target in targets)
+        metrics = {name for target in targets for name in _promql_metrics(target.get("expr", ""))}
+        assert needs["metrics"] <= metrics, f"{area}: no panel reads {needs['metrics'] - metrics}"
+        tables = _sql_tables(sql)
+        assert needs["tables"] <= tables, f"{area}: no panel reads {needs['tables'] - tables}"
+        missing = {fragment for fragment in needs["sql"] if fragment not in sql}
+        assert not missing, f"{area}: no query mentions {missing}"
+    throughput = [
+        target["expr"]
+        for panel in rows["Throughput"]
+        for target in panel["targets"]
+        if "expr" in target
+    ]
+    assert any("rate(borderflow_events_processed_total[" in expr for expr in throughput)
+
+
+def test_prometheus_queries_name_only_exported_metrics(dashboard: dict[str, Any]) -> None:
+    """Every metric a panel selects is in the worker's registry (streams/metrics.py)."""
+    exported = _exported_series()
+    # The stand-in runtime really produced the scrape-time gauges and the histograms.
+    assert {"borderflow_consumer_lag_messages", "borderflow_batch_size_events_bucket"} <= exported
+    used: set[str] = set()
+    for title, target in _prometheus_queries(dashboard):
+        names = _promql_metrics(target["expr"])
+        assert names, f"{title}: {target['expr']!r} selects no metric"
+        unknown = names - exported
+        assert not unknown, f"{title}: not exported by streams/metrics.py: {sorted(unknown)}"
+        used |= names
+        # Windows follow the scrape interval and the time picker, never a hard-coded [1m].
+        for window in re.findall(r"\[([^\]]*)\]", target["expr"]):
+            assert window in ("$__rate_interval", "$__range"), f"{title}: [{window}]"
+    assert len(used) >= 15, "the dashboard should show most of what the worker exports"
+
+
+def test_promql_metric_extraction() -> None:
+    expr = (
+        'histogram_quantile(0.99, sum by (le, table) (rate(a_bucket{table="x"}[$__rate_interval])))'
+        " / on (job) group_left sum without (instance) (b_total offset 5m) > bool 1e3"
+    )
+    assert _promql_metrics(expr) == {"a_bucket", "b_total"}
+    assert _promql_metrics("count(count by (instance) (c))") == {"c"}
 
 
 def test_dashboard_query_formats_match_panels(dashboard: dict[str, Any]) -> None:
     """The plugin's format 0 builds time series from long rows; 1 returns the table as is."""
     for panel in dashboard["panels"]:
         for target in panel.get("targets", []):
+            if target["datasource"]["uid"] != CLICKHOUSE_UID:
+                continue
             expected = 0 if panel["type"] == "timeseries" else 1
             assert target["format"] == expected, panel["title"]
             if expected == 0:
@@ -381,8 +750,8 @@ def test_dashboard_query_formats_match_panels(dashboard: dict[str, Any]) -> None
 
 
 def test_dashboard_reads_only_known_tables(dashboard: dict[str, Any]) -> None:
-    engines = _migration_engines()
-    assert DASHBOARD_TABLES <= set(engines), "a dashboard table is missing from the migrations"
+    known = set(_migration_engines()) | _migration_views()
+    assert DASHBOARD_TABLES <= known, "a dashboard table is missing from the migrations"
     used: set[str] = set()
     for title, target in _dashboard_queries(dashboard):
         for ref in re.findall(r"\b(?:FROM|JOIN)\s+([A-Za-z_][\w.]*)", target["rawSql"], re.I):
