@@ -111,7 +111,19 @@ def _free_port() -> int:
     show_default=True,
     help="Duration of the half-load latency phase.",
 )
-@click.option("--skip-naive", is_flag=True, help="Do not run the naive baseline.")
+@click.option(
+    "--compare/--skip-naive",
+    default=True,
+    show_default=True,
+    help="Also run the naive per-event pipeline on the same workload, and print the ratio.",
+)
+@click.option(
+    "--events-per-message",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="Send up to N of one user's events as one JSON-array message (tracker batching).",
+)
 @click.option(
     "--out",
     type=click.Path(dir_okay=False),
@@ -120,7 +132,12 @@ def _free_port() -> int:
 )
 @click.pass_obj
 def bench(
-    settings: Settings, n_events: int, latency_seconds: float, skip_naive: bool, out: str | None
+    settings: Settings,
+    n_events: int,
+    latency_seconds: float,
+    compare: bool,
+    events_per_message: int,
+    out: str | None,
 ) -> None:
     """Measure events/s and produce-to-visible latency on the real stack, vs the naive variant."""
     from infra.bench import run_bench
@@ -129,8 +146,9 @@ def bench(
         settings,
         n_events=n_events,
         latency_seconds=latency_seconds,
-        run_naive=not skip_naive,
+        run_naive=compare,
         out=out,
+        events_per_message=events_per_message,
     )
 
 

@@ -52,6 +52,26 @@ def test_bench_writes_results_for_both_variants(stack: Settings, tmp_path: Path)
     assert not results["fraud_scoring"]["model_version"].endswith("@0")
 
 
+def test_bench_with_tracker_batches_counts_events_and_messages_apart(
+    stack: Settings, tmp_path: Path
+) -> None:
+    out = tmp_path / "bench.json"
+    settings = stack.model_copy(update={"stack_dir": tmp_path})
+    done = borderflow(settings, "bench", "--events", "2000", "--latency-seconds", "2",
+                      "--skip-naive", "--events-per-message", "8", "--out", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = orjson.loads(out.read_bytes())
+    batched = results["throughput"]["batched"]
+    assert set(results["throughput"]) == {"batched"} and "speedup_vs_naive" not in results
+    workload = results["workload"]
+    assert batched["events"] == workload["events"] == 2000
+    assert batched["messages"] == workload["messages"] < 2000
+    assert batched["messages_per_s"] == pytest.approx(
+        batched["events_per_s"] * batched["messages"] / batched["events"], rel=0.01
+    )
+    assert results["latency_half_load"]["click_to_recs_in_redis"]["samples"] > 20
+
+
 def test_demo_shows_every_user_group(stack: Settings, tmp_path: Path) -> None:
     settings = stack.model_copy(
         update={"stack_dir": tmp_path, "clickhouse_database": "bf_demo_test",
