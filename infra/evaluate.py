@@ -1,7 +1,8 @@
 """``borderflow eval fraud``: score quality of the live fraud model, from ClickHouse.
 
-Every scored payment is in ``fraud_scores`` and every label in ``fraud_labels``. This joins the
-two in ClickHouse, fetches the few numeric columns the metrics need in one columnar block, and
+Every scored payment is in ``fraud_scores``, every label event in ``fraud_label_events`` and
+each payment's latest label in the ``fraud_labels`` view. This joins the scores with the view
+in ClickHouse, fetches the few numeric columns the metrics need in one columnar block, and
 computes the Fraud Detection Handbook's metrics with :mod:`models.evaluation`: AUC ROC,
 Average Precision and Card Precision@100 over the window and per day, plus the precision,
 recall and false-positive rate of the alerts the pipeline raised (``is_alert``).
@@ -16,10 +17,10 @@ Conventions, and why:
   inclusive on both ends.
 * A payment scored twice (redelivery) counts once: ``fraud_scores FINAL`` keeps the latest
   row per ``txn_id`` (all rows of a payment share its ``ts``, hence its partition).
-* A payment labelled twice takes its latest label by label time: ``FINAL`` removes duplicates
-  within a partition only, and ``fraud_labels`` is partitioned by label time, so a later
-  relabel (e.g. settlement, then chargeback) can sit in another partition; ``GROUP BY`` with
-  ``argMax`` settles it across partitions.
+* A payment labelled twice takes its latest label by label time (e.g. a settlement, then a
+  chargeback; or a chargeback, then a manual review clearing it), whatever order the labels
+  were ingested in: that is what the ``fraud_labels`` view holds (migration 0008: the latest
+  of the payment's ``fraud_label_events`` by ``ts_ms``, ties broken by ``event_id``).
 * Payments with a non-finite score have no rank; they are left out and counted.
 
 Results are written to ``model_metrics`` (migration 0002) for dashboards: one row per
@@ -79,9 +80,9 @@ HANDBOOK_RESULTS: dict[str, tuple[float, float, float]] = {
 # One row per scored payment in the window, only numbers except the short model name:
 # strings of millions of rows would dominate the transfer, so the card id travels as a
 # 64-bit hash (collisions among even 10^7 cards have probability ~10^-5) and the day as
-# days since 1970. The label side is grouped by txn_id, so ANY and ALL joins agree;
-# unmatched payments get the column defaults (labelled = 0, is_fraud = 0) on 18.16 and on
-# 24+ (join_use_nulls = 0).
+# days since 1970. The label side (the fraud_labels view) has one row per txn_id, so ANY and
+# ALL joins agree; unmatched payments get the column defaults (labelled = 0, is_fraud = 0) on
+# 18.16 and on 24+ (join_use_nulls = 0).
 _PAYMENTS_SQL = """
 SELECT
     toUInt16(toDate(ts)) AS day,
@@ -99,12 +100,8 @@ FROM
 )
 ANY LEFT JOIN
 (
-    SELECT
-        txn_id,
-        argMax(toUInt8(label = 'fraud'), ts_ms) AS is_fraud,
-        toUInt8(1) AS labelled
-    FROM fraud_labels FINAL
-    GROUP BY txn_id
+    SELECT txn_id, toUInt8(label = 'fraud') AS is_fraud, toUInt8(1) AS labelled
+    FROM fraud_labels
 ) USING (txn_id)
 """
 
@@ -161,7 +158,7 @@ def _window(
     if label_delay_days is not None:
         # Event time, not wall-clock time: a replay of last year's data has labels up to
         # last year, and "now" minus the delay would then keep everything.
-        ((newest, n_labels),) = client.execute("SELECT max(ts), count() FROM fraud_labels")
+        ((newest, n_labels),) = client.execute("SELECT max(ts), count() FROM fraud_label_events")
         newest = newest.astimezone(UTC) if n_labels else None
         # Without any label nothing is known yet: the cut-off excludes every payment.
         cutoff = (
@@ -266,7 +263,8 @@ def evaluate_fraud(
     date_to: date | None = None,
     label_delay_days: float | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``fraud_scores`` against ``fraud_labels`` in ``settings.clickhouse_database``.
+    """Evaluate ``fraud_scores`` against the latest labels (the ``fraud_labels`` view) in
+    ``settings.clickhouse_database``.
 
     ``date_from``/``date_to`` bound the payment's UTC day, both inclusive (None: open).
     ``label_delay_days`` additionally drops the payments made within that many days before

@@ -498,8 +498,9 @@ def build_sections(query: Query, window: Window, bounds: tuple[int, int] | None)
     fraud = Section(
         "fraud",
         "Fraud",
-        "Scored payments (fraud_scores FINAL), alerts (score >= threshold), labels as they "
-        "arrived (fraud_labels FINAL) and the precision of the alerts that have a label.",
+        "Scored payments (fraud_scores FINAL), alerts (score >= threshold), label events as "
+        "they arrived (fraud_label_events, by label time) and the precision of the alerts that "
+        "have a label (each payment's latest label, the fraud_labels view).",
     )
     rows, why = _rows(
         query,
@@ -534,7 +535,7 @@ def build_sections(query: Query, window: Window, bounds: tuple[int, int] | None)
         query,
         "fraud_labels",
         f"SELECT {t(label_time, coarse)} AS t, label, count() AS labels "
-        f"FROM fraud_labels FINAL WHERE {window.where(label_time)} "
+        f"FROM fraud_label_events WHERE {window.where(label_time)} "
         "GROUP BY t, label ORDER BY label, t",
     )
     label_series = _grouped_series(rows, ["fraud", "legit"] if rows else None)
@@ -545,7 +546,7 @@ def build_sections(query: Query, window: Window, bounds: tuple[int, int] | None)
     fraud.charts.append(
         line_chart(
             "fraud_labels",
-            f"Fraud labels per {coarse_name} (by payment time)",
+            f"Fraud label events per {coarse_name} (by label time)",
             label_series,
             x_label=coarse_label,
             y_label=f"labels / {coarse_name}",
@@ -559,7 +560,7 @@ def build_sections(query: Query, window: Window, bounds: tuple[int, int] | None)
         "count() AS labelled "
         f"FROM (SELECT txn_id, ts FROM fraud_scores FINAL WHERE is_alert = 1 "
         f"AND {window.where('ts')}) "
-        "ALL INNER JOIN (SELECT txn_id, label FROM fraud_labels FINAL) USING txn_id "
+        "ALL INNER JOIN (SELECT txn_id, label FROM fraud_labels) USING txn_id "
         "GROUP BY t ORDER BY t",
     )
     fraud.charts.append(

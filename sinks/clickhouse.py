@@ -44,8 +44,9 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "billing_country", "shipping_country", "ip_country", "scored_at", "origin_country",
         *SOURCE_COLUMNS,
     ),
-    "fraud_labels": (
-        "txn_id", "user_id", "label", "ts", "ts_ms", "source", "ingested_at", *SOURCE_COLUMNS,
+    "fraud_label_events": (
+        "event_id", "txn_id", "user_id", "label", "ts", "ts_ms", "source", "ingested_at",
+        *SOURCE_COLUMNS,
     ),
     "shipment_events": (
         "event_id", "order_id", "user_id", "carrier", "origin_country", "dest_country", "status",
@@ -80,7 +81,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
 PERSONAL_COLUMNS: dict[str, dict[str, IdKind]] = {
     "click_events": {"user_id": "user"},
     "fraud_scores": {"user_id": "user", "card_id": "card"},
-    "fraud_labels": {"user_id": "user"},
+    "fraud_label_events": {"user_id": "user"},
     "shipment_events": {"user_id": "user"},
     "shipments": {"user_id": "user"},
     "rec_predictions": {"user_id": "user"},
@@ -91,7 +92,7 @@ PERSONAL_COLUMNS: dict[str, dict[str, IdKind]] = {
 FACT_TABLES: dict[str, tuple[str, ...]] = {
     "clicks": ("click_events", "rec_predictions"),
     "payments": ("fraud_scores",),
-    "fraud-labels": ("fraud_labels",),
+    "fraud-labels": ("fraud_label_events",),
     "logistics": ("shipment_events", "shipment_predictions", "shipments"),
 }
 

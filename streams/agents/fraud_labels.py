@@ -4,11 +4,13 @@ Input: topic ``fraud-labels`` (key user_id, so a label shares its transaction's 
 State: queues each label in the :class:`models.fraud.FraudEngine` of its partition; the
 engine learns it from the exact feature vector the transaction was scored with, once the
 payments' event time passes the label time plus ``fraud_label_apply_delay_s``.
-Outputs: ClickHouse ``fraud_labels``; invalid labels to ``deadletter``.
-Guarantee: at-least-once; offsets are committed once the partition's engine (holding the
-queued labels) is checkpointed to Redis and the rows are in ClickHouse. ``fraud_labels`` is a
-ReplacingMergeTree on txn_id, and a label for a transaction already learned (or unknown) is
-counted, not learned twice.
+Outputs: ClickHouse ``fraud_label_events`` (every label event, one row each; the
+``fraud_labels`` view shows each transaction's latest label by label time); invalid labels to
+``deadletter``.
+Guarantee: at-least-once processing, exactly-once rows; offsets are committed once the
+partition's engine (holding the queued labels) is checkpointed to Redis and the rows are in
+ClickHouse, and a redelivered label's row is not written again (``streams/facts.py``). A label
+for a transaction already learned (or unknown) is counted, not learned twice.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ async def process_labels(runtime: Runtime, events: Sequence[faust.EventT]) -> in
     for partition, batch in by_partition.items():
         (await runtime.fraud_engine(partition)).add_labels(batch)
     for event, label in labels:
-        facts.add("fraud_labels", event, (
-            label.txn_id, label.user_id, label.label, label.ts // 1000, label.ts,
+        facts.add("fraud_label_events", event, (
+            label.event_id, label.txn_id, label.user_id, label.label, label.ts // 1000, label.ts,
             label.source or "", ingested_at,
         ))  # fmt: skip
     # Queued labels live in the engine: commit only once a checkpoint holds them.
@@ -48,7 +50,7 @@ async def process_labels(runtime: Runtime, events: Sequence[faust.EventT]) -> in
         runtime.hold_until_checkpoint(partition, partition_events)
     await runtime.finish_batch(
         events,
-        facts.rows,  # events_per_minute/hour are views over fraud_labels
+        facts.rows,  # the label rollups are materialized views over fraud_label_events
         {FRAUD_LABELS: len(labels)},
     )
     return len(labels)

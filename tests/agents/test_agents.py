@@ -875,10 +875,10 @@ async def test_labels_are_stored_and_queued_in_their_partitions_engine(harness: 
     ]
     assert await process_labels(harness.runtime, events) == 2
 
-    rows = harness.writer.table("fraud_labels")
-    assert [(r["txn_id"], r["label"], r["ts_ms"], r["source"]) for r in rows] == [
-        (paid["event_id"], "fraud", T0 + MINUTE, "chargeback"),
-        ("x", "fraud", T0 + MINUTE, "chargeback"),
+    rows = harness.writer.table("fraud_label_events")
+    assert [(r["event_id"], r["txn_id"], r["label"], r["ts_ms"], r["source"]) for r in rows] == [
+        ("l1", paid["event_id"], "fraud", T0 + MINUTE, "chargeback"),
+        ("l3", "x", "fraud", T0 + MINUTE, "chargeback"),
     ]
     assert rows[0]["ts"] == (T0 + MINUTE) // 1000
     engine = harness.runtime.fraud_engines[2]

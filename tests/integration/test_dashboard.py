@@ -46,6 +46,7 @@ INTERVALS_S = (20, 3600)
 CLICKS = 240
 PAYMENTS = 60
 ALERTS = 12  # every fifth payment
+RELABELLED = 15  # an alert first labelled legit, later fraud
 PURCHASES = CLICKS // 4
 ORDERS = 12
 DELAY_ALERTS = {"predicted_late": 3, "customs_delay": 2}
@@ -152,13 +153,21 @@ def seed_rows() -> dict[str, list[tuple[Any, ...]]]:
     ]  # fmt: skip
     # A label for every alert (two of three fraud) and for a few legitimate payments.
     labelled = [i for i in range(PAYMENTS) if i % 5 == 0 or i % 7 == 0]
-    rows["fraud_labels"] = [
-        row("fraud_labels", n, txn_id=f"t{i}", user_id=f"u{i % 30}",
+    rows["fraud_label_events"] = [
+        row("fraud_label_events", n, event_id=f"l{i}", txn_id=f"t{i}", user_id=f"u{i % 30}",
             label="fraud" if i % 5 == 0 and i % 3 != 0 else "legit", ts=ts, ts_ms=ms(ts),
             source="chargeback", ingested_at=ts + timedelta(seconds=3))
         for n, i in enumerate(labelled)
         for ts in [T0 + timedelta(minutes=47 * i, hours=6)]
     ]  # fmt: skip
+    # RELABELLED (settled as legit above) is charged back a day later, and that label was
+    # ingested first (a backfill): the latest label by label time is fraud.
+    relabel_ts = T0 + timedelta(minutes=47 * RELABELLED, hours=30)
+    rows["fraud_label_events"].append(
+        row("fraud_label_events", len(labelled), event_id=f"l{RELABELLED}-chargeback",
+            txn_id=f"t{RELABELLED}", user_id=f"u{RELABELLED % 30}", label="fraud",
+            ts=relabel_ts, ts_ms=ms(relabel_ts), source="chargeback", ingested_at=T0)
+    )  # fmt: skip
     scans: list[tuple[Any, ...]] = []
     shipments: list[tuple[Any, ...]] = []
     for i in range(ORDERS):
@@ -304,14 +313,20 @@ def test_panels_count_the_seeded_facts(
         ((single,),) = results[title][0]
         return single
 
-    facts = sum(len(rows[t]) for t in ("click_events", "fraud_scores", "fraud_labels"))
+    facts = sum(len(rows[t]) for t in ("click_events", "fraud_scores", "fraud_label_events"))
     assert value("Events (event time)") == facts + len(rows["shipment_events"])
     assert value("Scored payments") == PAYMENTS
     assert value("Fraud alerts") == ALERTS
     assert value("Alert rate") == pytest.approx(ALERTS / PAYMENTS)
-    # Alerts t0, t5, ..., t55 are all labelled; fraud unless the index is a multiple of 3.
-    fraud_alerts = sum(1 for i in range(0, PAYMENTS, 5) if i % 3 != 0)
+    # Alerts t0, t5, ..., t55 are all labelled; fraud unless the index is a multiple of 3,
+    # and RELABELLED's latest label is fraud (its first label, legit, does not count).
+    fraud_alerts = sum(1 for i in range(0, PAYMENTS, 5) if i % 3 != 0 or i == RELABELLED)
     assert value("Alert precision (labelled)") == pytest.approx(fraud_alerts / ALERTS)
+    # Of the payments whose latest label is fraud, all are alerts.
+    assert value("Alert recall (labelled)") == pytest.approx(1.0)
+    # Every label event is counted, the relabel too.
+    per_hour = results["Fraud label events per hour"][0]
+    assert sum(r[2] for r in per_hour) == len(rows["fraud_label_events"])
     assert value("Completed shipments") == ORDERS
     assert value("Predicted-late alerts") == DELAY_ALERTS["predicted_late"]
     assert value("Customs-delay alerts") == DELAY_ALERTS["customs_delay"]
@@ -335,4 +350,5 @@ def test_panels_count_the_seeded_facts(
     assert routes["CN -> DE"][5] == DELAY_ALERTS["customs_delay"]  # joined from the alerts view
     by_day = results["Alert precision by day"][0]
     assert {t.date() for t, *_ in by_day} <= {date(2026, 1, 1), date(2026, 1, 2)}
-    assert sum(r[2] for r in by_day) == ALERTS
+    assert sum(r[2] for r in by_day) == ALERTS  # one latest label per alert
+    assert sum(r[1] * r[2] for r in by_day) == pytest.approx(fraud_alerts)

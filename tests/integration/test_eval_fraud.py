@@ -1,9 +1,10 @@
 """``borderflow eval fraud`` against the real ClickHouse of the local stack (isolated database).
 
-Known rows go into ``fraud_scores`` / ``fraud_labels``; the numbers must equal
+Known rows go into ``fraud_scores`` / ``fraud_label_events``; the numbers must equal
 models.evaluation on the same payments after the expected de-duplication (FINAL for a
-re-scored payment, latest label for a relabelled one), both through ``evaluate_fraud`` and the
-CLI, and ``model_metrics`` must hold what was computed.
+re-scored payment, the latest label by label time for a relabelled one, whatever the order the
+labels were ingested in), both through ``evaluate_fraud`` and the CLI, also after ClickHouse
+has merged the label history, and ``model_metrics`` must hold what was computed.
 """
 
 from __future__ import annotations
@@ -83,8 +84,11 @@ def score_row(p: Payment, scored_at: int = 1_000) -> tuple[Any, ...]:
     return tuple(values[c] for c in TABLE_COLUMNS["fraud_scores"])
 
 
-def label_row(txn_id: str, label: str, ts: int, ingested_at: int = 2_000) -> tuple[Any, ...]:
+def label_row(
+    txn_id: str, label: str, ts: int, ingested_at: int = 2_000, event_id: str | None = None
+) -> tuple[Any, ...]:
     values = {
+        "event_id": event_id or f"{txn_id}:{label}:{ts}",
         "txn_id": txn_id,
         "user_id": "u",
         "label": label,
@@ -95,7 +99,7 @@ def label_row(txn_id: str, label: str, ts: int, ingested_at: int = 2_000) -> tup
         "src_partition": 0,
         "src_next_offset": 0,
     }
-    return tuple(values[c] for c in TABLE_COLUMNS["fraud_labels"])
+    return tuple(values[c] for c in TABLE_COLUMNS["fraud_label_events"])
 
 
 def insert(client: Client, table: str, rows: list[tuple[Any, ...]]) -> None:
@@ -173,19 +177,20 @@ def dataset(isolated_settings: Settings) -> Iterator[Dataset]:
         labels.append(label_row("nan", "fraud", broken.ts + 86_400))
         labels.append(label_row("relabel", "legit", relabelled.ts + 86_400))
         labels.append(label_row("cleared", "legit", int(NEWEST_LABEL.timestamp()) - 5 * 86_400))
-        insert(client, "fraud_labels", labels)
+        insert(client, "fraud_label_events", labels)
         later = [
             label_row("relabel", "fraud", int(NEWEST_LABEL.timestamp())),
             label_row("cleared", "fraud", cleared.ts + 86_400),
         ]
-        insert(client, "fraud_labels", later)
-        # Labels redelivered (same partition): FINAL keeps one of each.
+        insert(client, "fraud_label_events", later)
+        # Labels stored twice (e.g. rows from before migration 0006, copied into the history
+        # by 0008): a payment still has one latest label.
         redelivered = [
             label_row(p.txn_id, p.label, p.ts + 7 * 86_400, ingested_at=3_000)
             for p in payments[:5]
             if p.label
         ]
-        insert(client, "fraud_labels", redelivered)
+        insert(client, "fraud_label_events", redelivered)
         ((raw,),) = client.execute("SELECT count() FROM fraud_scores")
         assert raw == len(payments) + 5  # the duplicate really is stored twice
     finally:
@@ -290,6 +295,25 @@ def test_duplicate_score_counts_once_with_its_latest_row(dataset: Dataset) -> No
     assert result["alerts"] == sum(
         p.is_alert for p in dataset.payments if p.day == DAYS[0].isoformat()
     )
+
+
+def test_relabels_survive_merges_of_the_label_history(dataset: Dataset) -> None:
+    client = clickhouse_client(dataset.settings, dataset.settings.clickhouse_database)
+    try:
+        client.execute("OPTIMIZE TABLE fraud_label_events FINAL")  # what merges do eventually
+        latest = dict(
+            client.execute(
+                "SELECT txn_id, label FROM fraud_labels WHERE txn_id IN ('relabel', 'cleared')"
+            )
+        )
+        ((events,),) = client.execute(
+            "SELECT sum(label_events) FROM fraud_labels WHERE txn_id IN ('relabel', 'cleared')"
+        )
+    finally:
+        client.disconnect()
+    assert latest == {"relabel": "fraud", "cleared": "legit"}
+    assert events == 4  # both labels of each are kept
+    assert_matches(evaluate_fraud(dataset.settings), expected_summary(dataset))
 
 
 def test_from_and_to_select_whole_utc_days(dataset: Dataset) -> None:

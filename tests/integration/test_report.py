@@ -100,9 +100,9 @@ def seed(settings: Settings) -> None:
     insert(settings, "fraud_scores", payments)
     insert(
         settings,
-        "fraud_labels",
+        "fraud_label_events",
         [
-            {"txn_id": p["txn_id"], "user_id": p["user_id"],
+            {"event_id": f"l-{p['txn_id']}", "txn_id": p["txn_id"], "user_id": p["user_id"],
              "label": "fraud" if p["txn_id"].endswith(("-0", "-1", "-2")) else "legit",
              "ts": p["ts"], "ts_ms": p["ts_ms"], "source": "chargeback", "ingested_at": now}
             for p in payments[:8] + payments[20:28]

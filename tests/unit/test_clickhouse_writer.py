@@ -100,6 +100,7 @@ def label_row(i: int, user_id: str = "") -> tuple[Any, ...]:
     # No user id by default: an empty id is stored as it is, and the pseudonym tests below
     # cover the personal columns.
     return (
+        f"l{i}",
         f"t{i}",
         user_id,
         "fraud",
@@ -120,20 +121,22 @@ def test_rows_are_inserted_columnar_per_table_in_contract_order(
     fake: FakeLog, make_writer: Any
 ) -> None:
     writer = make_writer()
-    writer.add("fraud_labels", [label_row(0), label_row(1)])
+    writer.add("fraud_label_events", [label_row(0), label_row(1)])
     writer.add("events_per_minute", [minute_row(0)])
-    writer.add("fraud_labels", [label_row(2)])
+    writer.add("fraud_label_events", [label_row(2)])
     assert writer.flush(WAIT)
 
     by_table = {query.split()[2]: (query, data, columnar) for query, data, columnar in fake.calls}
-    assert set(by_table) == {"fraud_labels", "events_per_minute"}
+    assert set(by_table) == {"fraud_label_events", "events_per_minute"}
     assert len(fake.calls) == 2  # one block per table
-    query, data, columnar = by_table["fraud_labels"]
+    query, data, columnar = by_table["fraud_label_events"]
     assert columnar is True
-    assert query == f"INSERT INTO fraud_labels ({', '.join(TABLE_COLUMNS['fraud_labels'])}) VALUES"
-    assert len(data) == len(TABLE_COLUMNS["fraud_labels"])
-    assert data[0] == ["t0", "t1", "t2"]  # txn_id column, rows in the order added
-    assert data[4] == [1_767_225_600_000, 1_767_225_600_001, 1_767_225_600_002]
+    columns = TABLE_COLUMNS["fraud_label_events"]
+    assert query == f"INSERT INTO fraud_label_events ({', '.join(columns)}) VALUES"
+    assert len(data) == len(columns)
+    assert data[0] == ["l0", "l1", "l2"]  # event_id column, rows in the order added
+    assert data[1] == ["t0", "t1", "t2"]
+    assert data[5] == [1_767_225_600_000, 1_767_225_600_001, 1_767_225_600_002]
     assert fake.rows("events_per_minute") == [minute_row(0)]
     assert (writer.rows_written, writer.inserts) == (4, 2)
 
@@ -149,50 +152,50 @@ def test_unknown_table_is_refused_at_add() -> None:
 
 def test_nothing_is_inserted_before_size_or_age_is_reached(fake: FakeLog, make_writer: Any) -> None:
     writer = make_writer(settings=settings(flush_rows=100, interval=60.0))
-    writer.add("fraud_labels", [label_row(i) for i in range(10)])
+    writer.add("fraud_label_events", [label_row(i) for i in range(10)])
     assert fake.calls == []
     assert writer.buffered_rows == 10
     assert writer.flush(WAIT)
-    assert len(fake.rows("fraud_labels")) == 10
+    assert len(fake.rows("fraud_label_events")) == 10
     assert writer.buffered_rows == 0
 
 
 def test_full_buffer_is_inserted_without_an_explicit_flush(fake: FakeLog, make_writer: Any) -> None:
     writer = make_writer(settings=settings(flush_rows=5, interval=60.0))
     done = threading.Event()
-    writer.add("fraud_labels", [label_row(i) for i in range(5)], on_durable=done.set)
+    writer.add("fraud_label_events", [label_row(i) for i in range(5)], on_durable=done.set)
     assert done.wait(WAIT)
-    assert len(fake.rows("fraud_labels")) == 5
+    assert len(fake.rows("fraud_label_events")) == 5
 
 
 def test_old_rows_are_inserted_after_the_flush_interval(fake: FakeLog, make_writer: Any) -> None:
     writer = make_writer(settings=settings(flush_rows=1000, interval=0.05))
     done = threading.Event()
-    writer.add("fraud_labels", [label_row(0)], on_durable=done.set)
+    writer.add("fraud_label_events", [label_row(0)], on_durable=done.set)
     assert done.wait(WAIT)
-    assert fake.rows("fraud_labels") == [label_row(0)]
+    assert fake.rows("fraud_label_events") == [label_row(0)]
 
 
 def test_flush_waits_for_everything_added_before_it(fake: FakeLog, make_writer: Any) -> None:
     writer = make_writer(settings=settings(flush_rows=3, interval=60.0))
     for i in range(20):
-        writer.add("fraud_labels", [label_row(i)])
+        writer.add("fraud_label_events", [label_row(i)])
         writer.add("events_per_minute", [minute_row(i)])
     assert writer.flush(WAIT)
-    assert fake.rows("fraud_labels") == [label_row(i) for i in range(20)]
+    assert fake.rows("fraud_label_events") == [label_row(i) for i in range(20)]
     assert fake.rows("events_per_minute") == [minute_row(i) for i in range(20)]
 
 
 def test_flush_returns_false_when_clickhouse_stays_down(fake: FakeLog, make_writer: Any) -> None:
     writer = make_writer()
     fake.fail_next = 10**9
-    writer.add("fraud_labels", [label_row(0)])
+    writer.add("fraud_label_events", [label_row(0)])
     assert writer.flush(timeout=0.5) is False
     assert writer.failures >= 1
     assert writer.last_error == "ConnectionError: ClickHouse went away"  # first line only
     fake.fail_next = 0
     assert writer.flush(WAIT)
-    assert fake.rows("fraud_labels") == [label_row(0)]
+    assert fake.rows("fraud_label_events") == [label_row(0)]
 
 
 def test_callbacks_run_only_after_the_rows_they_cover_are_stored(
@@ -203,11 +206,11 @@ def test_callbacks_run_only_after_the_rows_they_cover_are_stored(
     fired = threading.Event()
 
     def on_durable() -> None:
-        seen_at_callback.append(len(fake.rows("fraud_labels")))
+        seen_at_callback.append(len(fake.rows("fraud_label_events")))
         fired.set()
 
     fake.gate.clear()  # the insert will block until we open the gate
-    writer.add("fraud_labels", [label_row(0), label_row(1)], on_durable=on_durable)
+    writer.add("fraud_label_events", [label_row(0), label_row(1)], on_durable=on_durable)
     writer.add_callback(on_durable)
     flusher = threading.Thread(target=writer.flush, args=(WAIT,))
     flusher.start()
@@ -231,14 +234,14 @@ def test_callback_without_rows_still_fires_on_its_own(fake: FakeLog, make_writer
 def test_callback_for_later_rows_waits_for_them(fake: FakeLog, make_writer: Any) -> None:
     writer = make_writer()
     order: list[str] = []
-    writer.add("fraud_labels", [label_row(0)], on_durable=lambda: order.append("first"))
+    writer.add("fraud_label_events", [label_row(0)], on_durable=lambda: order.append("first"))
     assert writer.flush(WAIT)
     fake.fail_next = 2
-    writer.add("fraud_labels", [label_row(1)], on_durable=lambda: order.append("second"))
+    writer.add("fraud_label_events", [label_row(1)], on_durable=lambda: order.append("second"))
     assert order == ["first"]
     assert writer.flush(WAIT)
     assert order == ["first", "second"]
-    assert fake.rows("fraud_labels") == [label_row(0), label_row(1)]
+    assert fake.rows("fraud_label_events") == [label_row(0), label_row(1)]
 
 
 def test_failing_insert_is_retried_and_no_row_is_lost_or_duplicated(
@@ -247,10 +250,10 @@ def test_failing_insert_is_retried_and_no_row_is_lost_or_duplicated(
     writer = make_writer()
     fake.fail_next = 3
     durable = threading.Event()
-    writer.add("fraud_labels", [label_row(i) for i in range(50)], on_durable=durable.set)
+    writer.add("fraud_label_events", [label_row(i) for i in range(50)], on_durable=durable.set)
     assert writer.flush(WAIT)
     assert durable.is_set()
-    assert fake.rows("fraud_labels") == [label_row(i) for i in range(50)]
+    assert fake.rows("fraud_label_events") == [label_row(i) for i in range(50)]
     assert writer.failures == 3
     assert writer.rows_written == 50
     # A broken connection is dropped and a new one made.
@@ -262,12 +265,12 @@ def test_failure_on_the_second_table_does_not_duplicate_the_first(
     fake: FakeLog, make_writer: Any
 ) -> None:
     writer = make_writer()
-    writer.add("fraud_labels", [label_row(0)])
+    writer.add("fraud_label_events", [label_row(0)])
     writer.add("events_per_minute", [minute_row(0)])
     fake.fail_attempts = {2}  # the first table goes in, the second fails once
     assert writer.flush(WAIT)
     assert fake.rows("events_per_minute") == [minute_row(0)]
-    assert fake.rows("fraud_labels") == [label_row(0)]
+    assert fake.rows("fraud_label_events") == [label_row(0)]
 
 
 def test_rows_added_while_an_insert_is_retried_are_not_lost(
@@ -275,13 +278,13 @@ def test_rows_added_while_an_insert_is_retried_are_not_lost(
 ) -> None:
     writer = make_writer()
     fake.fail_next = 2
-    writer.add("fraud_labels", [label_row(0)])
+    writer.add("fraud_label_events", [label_row(0)])
     flusher = threading.Thread(target=writer.flush, args=(WAIT,))
     flusher.start()
-    writer.add("fraud_labels", [label_row(1)])
+    writer.add("fraud_label_events", [label_row(1)])
     flusher.join(WAIT)
     assert writer.flush(WAIT)
-    assert sorted(fake.rows("fraud_labels")) == [label_row(0), label_row(1)]
+    assert sorted(fake.rows("fraud_label_events")) == [label_row(0), label_row(1)]
 
 
 # -- backpressure -------------------------------------------------------------------------------
@@ -289,10 +292,10 @@ def test_rows_added_while_an_insert_is_retried_are_not_lost(
 
 def test_capacity_is_bounded_and_freed_by_a_flush(fake: FakeLog, make_writer: Any) -> None:
     writer = make_writer(max_buffered_rows=5)
-    writer.add("fraud_labels", [label_row(i) for i in range(4)])
+    writer.add("fraud_label_events", [label_row(i) for i in range(4)])
     assert writer.has_capacity()
     assert writer.wait_for_capacity(timeout=0.01) is True
-    writer.add("fraud_labels", [label_row(4)])
+    writer.add("fraud_label_events", [label_row(4)])
     assert not writer.has_capacity()
     assert writer.wait_for_capacity(timeout=0.1) is False
     assert writer.flush(WAIT)
@@ -303,7 +306,7 @@ def test_capacity_is_bounded_and_freed_by_a_flush(fake: FakeLog, make_writer: An
 def test_rows_being_inserted_still_count_against_capacity(fake: FakeLog, make_writer: Any) -> None:
     writer = make_writer(max_buffered_rows=5)
     fake.gate.clear()
-    writer.add("fraud_labels", [label_row(i) for i in range(5)])
+    writer.add("fraud_label_events", [label_row(i) for i in range(5)])
     flusher = threading.Thread(target=writer.flush, args=(WAIT,))
     flusher.start()
     assert fake.entered.wait(WAIT)  # the batch left the buffer and is being inserted
@@ -324,10 +327,10 @@ def test_rows_being_inserted_still_count_against_capacity(fake: FakeLog, make_wr
 
 def test_add_never_blocks_even_beyond_capacity(fake: FakeLog, make_writer: Any) -> None:
     writer = make_writer(max_buffered_rows=2)
-    writer.add("fraud_labels", [label_row(i) for i in range(10)])
+    writer.add("fraud_label_events", [label_row(i) for i in range(10)])
     assert writer.buffered_rows == 10
     assert writer.flush(WAIT)
-    assert len(fake.rows("fraud_labels")) == 10
+    assert len(fake.rows("fraud_label_events")) == 10
 
 
 # -- pseudonyms ---------------------------------------------------------------------------------
@@ -337,9 +340,11 @@ def test_personal_ids_reach_clickhouse_only_as_keyed_pseudonyms(
     fake: FakeLog, make_writer: Any
 ) -> None:
     writer = make_writer()
-    writer.add("fraud_labels", [label_row(0, "alice"), label_row(1, "bob"), label_row(2, "alice")])
+    writer.add(
+        "fraud_label_events", [label_row(0, "alice"), label_row(1, "bob"), label_row(2, "alice")]
+    )
     assert writer.flush(WAIT)
-    stored = [row[1] for row in fake.rows("fraud_labels")]
+    stored = [row[2] for row in fake.rows("fraud_label_events")]
     assert "alice" not in stored and "bob" not in stored
     assert stored[0] == stored[2] != stored[1]  # stable per user, so counts and joins hold
     pseudonyms = Pseudonymiser.from_settings(settings())
@@ -362,10 +367,10 @@ def test_every_personal_column_is_a_column_of_its_table() -> None:
 def test_close_flushes_and_stops(fake: FakeLog) -> None:
     writer = ClickHouseWriter(settings(), client_factory=fake.factory)
     fired = threading.Event()
-    writer.add("fraud_labels", [label_row(0)], on_durable=fired.set)
+    writer.add("fraud_label_events", [label_row(0)], on_durable=fired.set)
     writer.close(timeout=WAIT)
     assert fired.is_set()
-    assert fake.rows("fraud_labels") == [label_row(0)]
+    assert fake.rows("fraud_label_events") == [label_row(0)]
     assert not writer._thread.is_alive()
     with pytest.raises(RuntimeError, match="closed"):
-        writer.add("fraud_labels", [label_row(1)])
+        writer.add("fraud_label_events", [label_row(1)])

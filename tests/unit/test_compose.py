@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
+from infra.migrate import load_migrations
 from schemas.config import Settings
 from streams.metrics import WorkerMetrics
 
@@ -48,6 +49,7 @@ DASHBOARD_TABLES = {
     "click_events",
     "fraud_scores",
     "fraud_labels",
+    "fraud_label_events",
     "shipment_events",
     "shipments",
     "alerts",
@@ -83,7 +85,7 @@ DASHBOARD_AREAS: dict[str, dict[str, set[str]]] = {
     },
     "Fraud": {
         "metrics": set(),
-        "tables": {"activity_per_hour", "fraud_scores", "fraud_labels"},
+        "tables": {"activity_per_hour", "fraud_scores", "fraud_labels", "fraud_label_events"},
         "sql": {"origin_country", "dest_country", "toStartOfDay"},  # corridors, precision by day
     },
     "Logistics": {
@@ -199,25 +201,59 @@ def _published(port: Any) -> tuple[str | None, int, int]:
     return (parts[0] if len(parts) == 3 else None), int(parts[-2]), int(parts[-1])
 
 
-def _migration_engines() -> dict[str, str]:
-    """Table name -> engine, from the CREATE TABLE statements of the ClickHouse migrations."""
-    engines: dict[str, str] = {}
-    create = re.compile(
-        r"CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(?:\w+\.)?(\w+)\s*\(.*?\)\s*ENGINE\s*=\s*(\w+)",
+def _migration_schema() -> dict[str, str]:
+    """What the ClickHouse migrations leave behind: name -> engine of every table, ``View`` /
+    ``MaterializedView`` for views, replaying their statements in order (``IF NOT EXISTS``
+    creates only what is missing, ``DROP`` removes; e.g. 0008 turns ``fraud_labels`` from a
+    ReplacingMergeTree into a view)."""
+    table = re.compile(
+        r"CREATE\s+TABLE\s+(IF\s+NOT\s+EXISTS\s+)?(?:\w+\.)?(\w+)\s*\(.*?\)\s*ENGINE\s*=\s*(\w+)",
         re.IGNORECASE | re.DOTALL,
     )
-    for path in sorted(MIGRATIONS.glob("*.sql")):
-        for table, engine in create.findall(path.read_text()):
-            engines[table] = engine
-    return engines
+    view = re.compile(
+        r"CREATE\s+(MATERIALIZED\s+)?VIEW\s+(IF\s+NOT\s+EXISTS\s+)?(?:\w+\.)?(\w+)", re.I
+    )
+    drop = re.compile(r"DROP\s+TABLE\s+(IF\s+EXISTS\s+)?(?:\w+\.)?(\w+)", re.I)
+    schema: dict[str, str] = {}
+    for migration in load_migrations(MIGRATIONS):
+        for statement in migration.statements():
+            if match := table.match(statement):
+                if not (match[1] and match[2] in schema):
+                    schema[match[2]] = match[3]
+            elif match := view.match(statement):
+                if not (match[2] and match[3] in schema):
+                    schema[match[3]] = "MaterializedView" if match[1] else "View"
+            elif match := drop.match(statement):
+                schema.pop(match[2], None)
+    return schema
+
+
+def _migration_engines() -> dict[str, str]:
+    """Table name -> engine of every table the migrations leave (views left out)."""
+    return {
+        name: engine
+        for name, engine in _migration_schema().items()
+        if engine not in ("View", "MaterializedView")
+    }
 
 
 def _migration_views() -> set[str]:
-    """Names of the (materialized) views the ClickHouse migrations create."""
-    view = re.compile(
-        r"CREATE\s+(?:MATERIALIZED\s+)?VIEW\s+(?:IF\s+NOT\s+EXISTS\s+)?(?:\w+\.)?(\w+)", re.I
-    )
-    return {name for path in MIGRATIONS.glob("*.sql") for name in view.findall(path.read_text())}
+    """Names of the (materialized) views the migrations leave."""
+    return {
+        name
+        for name, engine in _migration_schema().items()
+        if engine in ("View", "MaterializedView")
+    }
+
+
+def test_migration_schema_replays_the_migrations() -> None:
+    schema = _migration_schema()
+    assert schema["fraud_label_events"] == "MergeTree"
+    assert schema["fraud_labels"] == "View"  # was ReplacingMergeTree until 0008
+    assert schema["route_kpis_daily"] == "View"
+    assert schema["events_per_minute_labels_mv"] == "MaterializedView"
+    assert "events_per_hour_mv" not in schema  # dropped by 0006
+    assert schema["fraud_scores"] == "ReplacingMergeTree"
 
 
 def _dashboard_queries(dashboard: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -763,15 +799,22 @@ def test_dashboard_reads_only_known_tables(dashboard: dict[str, Any]) -> None:
 
 
 def test_dashboard_reads_replacing_tables_with_final(dashboard: dict[str, Any]) -> None:
-    """Without FINAL, redelivered rows not yet merged away would be counted twice."""
-    replacing = {t for t, engine in _migration_engines().items() if engine == "ReplacingMergeTree"}
-    assert {"fraud_scores", "fraud_labels", "shipment_events"} <= replacing
+    """FINAL on every ReplacingMergeTree read (rows written before migration 0006 may hold
+    redeliveries not yet merged away, and a repeated logistics alert replaces its row), and
+    nowhere else: views and the label history (a MergeTree keeping every row) have nothing
+    for it to collapse."""
+    schema = _migration_schema()
+    replacing = {t for t, engine in schema.items() if engine == "ReplacingMergeTree"}
+    assert {"fraud_scores", "shipment_events", "logistics_alerts"} <= replacing
+    assert schema["fraud_labels"] == "View" and schema["fraud_label_events"] == "MergeTree"
     for title, target in _dashboard_queries(dashboard):
         for match in re.finditer(
             r"\b(?:FROM|JOIN)\s+(?:\w+\.)?(\w+)(\s+FINAL\b)?", target["rawSql"], re.I
         ):
             if match[1] in replacing:
                 assert match[2], f"{title}: {match[1]} read without FINAL"
+            elif match[1] in schema:
+                assert not match[2], f"{title}: {match[1]} ({schema[match[1]]}) read with FINAL"
 
 
 def test_dashboard_sql_stays_in_the_shared_dialect(dashboard: dict[str, Any]) -> None:

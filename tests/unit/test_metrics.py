@@ -275,12 +275,18 @@ def test_clickhouse_writer_reports_inserts_and_retries() -> None:
     )
     durable = threading.Event()
     try:
-        writer.add("fraud_labels", [row("fraud_labels"), row("fraud_labels")], durable.set)
+        rows = [row("fraud_label_events"), row("fraud_label_events")]
+        writer.add("fraud_label_events", rows, durable.set)
         assert durable.wait(10)
     finally:
         writer.close()
     assert writer.retrying is False
-    assert sample(metrics, "borderflow_clickhouse_rows_written_total", table="fraud_labels") == 2
-    assert sample(metrics, "borderflow_clickhouse_insert_failures_total", table="fraud_labels") == 1
+    assert (
+        sample(metrics, "borderflow_clickhouse_rows_written_total", table="fraud_label_events") == 2
+    )
+    assert (
+        sample(metrics, "borderflow_clickhouse_insert_failures_total", table="fraud_label_events")
+        == 1
+    )
     count = "borderflow_clickhouse_insert_duration_seconds_count"
-    assert sample(metrics, count, table="fraud_labels") == 1
+    assert sample(metrics, count, table="fraud_label_events") == 1

@@ -53,18 +53,62 @@ def test_shipped_statements_are_complete_and_carry_no_comments() -> None:
         assert ";" not in statement
         assert statement == statement.strip()
         assert statement.count("(") == statement.count(")")
-        # Safe to re-run after a half-applied file: CREATE/DROP ... IF (NOT) EXISTS, and
-        # ADD COLUMN (18.16 has no IF NOT EXISTS there; migrate() treats "already exists"
-        # as done).
+        # Safe to re-run after a half-applied file: CREATE/DROP ... IF (NOT) EXISTS, ADD
+        # COLUMN (18.16 has no IF NOT EXISTS there; migrate() treats "already exists" as
+        # done), and INSERT ... SELECT only while its target is still empty (a one-off copy).
         verb = statement.split()[0]
         if verb == "CREATE":
             assert "IF NOT EXISTS" in statement
         elif verb == "DROP":
             assert "IF EXISTS" in statement
+        elif verb == "INSERT":
+            target = statement.split()[2]
+            assert statement.rstrip().endswith(f"WHERE (SELECT count() FROM {target}) = 0"), (
+                statement
+            )
         else:
             assert verb == "ALTER" and "ADD COLUMN" in statement, statement
     created = {s.split("IF NOT EXISTS")[1].split()[0] for s in statements if "IF NOT EXISTS" in s}
-    assert {"fraud_scores", "fraud_labels", "shipment_events", "events_per_minute"} <= created
+    assert {
+        "fraud_scores",
+        "fraud_labels",
+        "fraud_label_events",
+        "shipment_events",
+        "events_per_minute",
+    } <= created
+
+
+def test_label_history_replaces_the_replacing_label_table() -> None:
+    """0008: label events into a MergeTree, copied once, rollups moved, the old table a view."""
+    (label_history,) = [m for m in load_migrations() if m.name == "label_history"]
+    statements = [" ".join(s.split()) for s in label_history.statements()]
+
+    def index(prefix: str) -> int:
+        (found,) = [i for i, s in enumerate(statements) if s.startswith(prefix)]
+        return found
+
+    create_events = index("CREATE TABLE IF NOT EXISTS fraud_label_events")
+    engine = "ENGINE = MergeTree PARTITION BY toYYYYMM(ts) ORDER BY (txn_id, ts_ms, event_id)"
+    assert engine in statements[create_events]
+    copy = index("INSERT INTO fraud_label_events")
+    drop_table = index("DROP TABLE IF EXISTS fraud_labels")
+    view = index("CREATE VIEW IF NOT EXISTS fraud_labels AS")
+    assert create_events < copy < drop_table < view
+    # A re-run after a crash between the DROP and the view finds a stand-in to copy from.
+    assert index("CREATE TABLE IF NOT EXISTS fraud_labels") < copy
+    assert "FROM fraud_labels WHERE" in statements[copy]
+    for name in (
+        "events_per_minute_labels_mv",
+        "events_per_hour_labels_mv",
+        "activity_per_minute_labels_mv",
+        "activity_per_hour_labels_mv",
+    ):
+        # Recreated after the copy (the copied events are already in the rollups).
+        assert copy < index(f"DROP TABLE IF EXISTS {name}")
+        created = statements[index(f"CREATE MATERIALIZED VIEW IF NOT EXISTS {name}")]
+        assert "FROM fraud_label_events" in created
+    assert "argMax(" in statements[view] and "(ts_ms, event_id)" in statements[view]
+    assert "count() AS label_events" in statements[view]
 
 
 def test_statement_splitting() -> None:
