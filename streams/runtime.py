@@ -14,6 +14,7 @@ import base64
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 import faust
@@ -38,6 +39,7 @@ from streams.metrics import (
     metrics_for,
     observed_batches,
 )
+from streams.model_metrics import fraud_metric_rows, serving_metric_rows
 from streams.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -221,10 +223,15 @@ class Runtime:
         if self._serving_load is None or not self._serving_load.done():
             return 0  # nothing learned yet, and an unloaded checkpoint must not be overwritten
         blob = await asyncio.to_thread(ServingModels.compress_checkpoint, self.serving.pickle())
+        stats = self.serving.stats()
         await self.redis.save_serving_checkpoint(
-            self.settings.app_id,
-            blob,
-            {**self.serving.stats(), "saved_at_ms": wall_ms(), "bytes": len(blob)},
+            self.settings.app_id, blob, {**stats, "saved_at_ms": wall_ms(), "bytes": len(blob)}
+        )
+        self.clickhouse.add(
+            "model_metrics",
+            serving_metric_rows(
+                self.settings.app_id, stats, self.serving.logistics.stats(), _now_utc()
+            ),
         )
         return len(blob)
 
@@ -333,6 +340,10 @@ class Runtime:
                 {**engine.stats(), "saved_at_ms": wall_ms(), "bytes": len(blob)},
             )  # fmt: skip
             saved += 1
+            self.clickhouse.add(
+                "model_metrics",
+                fraud_metric_rows(self.settings.app_id, partition, engine, _now_utc()),
+            )
             for message in held:
                 message.ack(consumer)
         return saved
@@ -384,6 +395,11 @@ def micro_batches(
     if active is not None:
         active.add(batches)
     return batches
+
+
+def _now_utc() -> datetime:
+    """Wall-clock time for ``model_metrics.computed_at`` (which value is the newest)."""
+    return datetime.now(UTC).replace(microsecond=0)
 
 
 def wall_ms() -> int:

@@ -902,6 +902,15 @@ async def test_labels_are_stored_and_queued_in_their_partitions_engine(harness: 
     assert await harness.runtime.checkpoint_fraud_engines() == 2
     assert set(harness.redis.checkpoints) == {(harness.runtime.settings.app_id, p) for p in (2, 3)}
     assert all(e.message.refcount == 0 and len(e.message.acks) == 2 for e in events)
+    # Each checkpoint also files the engine's state in model_metrics (online run).
+    metrics = {
+        (row["model"], row["metric"]): row for row in harness.writer.table("model_metrics")
+    }
+    applied = metrics[("fraud-p2", "labels_applied")]
+    assert applied["value"] == 1.0 and applied["run_id"] == f"online:{harness.settings.app_id}"
+    assert str(applied["day"]) == "2026-01-01"
+    # Partition 3 scored no payment yet: no event-time day to file its values under.
+    assert not any(model == "fraud-p3" for model, _ in metrics)
 
 
 # -- logistics ------------------------------------------------------------------------------------
