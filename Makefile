@@ -13,7 +13,7 @@ BORDERFLOW := $(VENV)/bin/borderflow
 SETUP_STAMP := $(VENV)/.borderflow-setup.stamp
 STACK_DIR := .stack
 
-.PHONY: help setup system-packages up down status migrate test demo bench lint clean
+.PHONY: help setup system-packages up down status migrate test chaos demo bench lint clean
 
 help: ## Show this list.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
@@ -63,6 +63,11 @@ migrate: setup ## Apply ClickHouse migrations (to BORDERFLOW_CLICKHOUSE_*; no st
 
 test: setup up migrate ## Start the stack, migrate, run the whole test suite.
 	$(PYTHON) -m pytest -q
+
+# Hostile input through Kafka to a real worker (tests marked `chaos`, which `make test` leaves
+# out); prints one JSON summary line. BORDERFLOW_CHAOS_EVENTS sets the events per topic.
+chaos: setup up migrate ## Start the stack, migrate, send 100k hostile events per topic to a worker.
+	$(PYTHON) -m pytest -q -s -m chaos tests/chaos
 
 demo: setup up migrate ## Start the stack, migrate, run the demo.
 	$(BORDERFLOW) demo

@@ -66,6 +66,10 @@ def to_epoch_ms(value: Any) -> int:
             raise ValueError("timestamp string too long")
         if value.isascii() and value.isdigit():
             ms = int(value)
+        elif not (value.isascii() and value.isprintable()):
+            # ISO-8601 is printable ASCII; CPython's parser would also stop at a NUL and
+            # accept '2026-01-01T00:00:00\x00+05:00' as 05:00 local time.
+            raise ValueError(f"timestamp {value[:40]!r} is not ISO-8601")
         else:
             try:
                 parsed = datetime.fromisoformat(value)
@@ -81,12 +85,24 @@ def to_epoch_ms(value: Any) -> int:
     return ms
 
 
+def not_boolean(value: Any) -> Any:
+    """Refuse JSON ``true``/``false`` where a number is due (lax mode reads them as 1 and 0).
+
+    >>> not_boolean(2.5)
+    2.5
+    """
+    if isinstance(value, bool):
+        raise ValueError("a number is required, not a boolean")
+    return value
+
+
 EpochMs = Annotated[int, BeforeValidator(to_epoch_ms)]
 Id = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 Country = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")]
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
-Money = Annotated[float, Field(gt=0, lt=1e9, allow_inf_nan=False)]
+Money = Annotated[float, BeforeValidator(not_boolean), Field(gt=0, lt=1e9, allow_inf_nan=False)]
+Price = Annotated[float, BeforeValidator(not_boolean), Field(ge=0, lt=1e9, allow_inf_nan=False)]
 
 
 class InboundEvent(BaseModel):
@@ -110,7 +126,7 @@ class ClickEvent(InboundEvent):
     type: ClickType
     item_id: Id | None = None
     category: ShortText | None = None
-    price: Annotated[float, Field(ge=0, lt=1e9, allow_inf_nan=False)] | None = None
+    price: Price | None = None
     currency: Currency | None = None
     country: Country | None = None
     #: Where the item ships from (its seller's country): drives logistics-aware ranking.
