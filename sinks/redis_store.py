@@ -96,9 +96,9 @@ class RedisStore:
 
     def __init__(self, settings: Settings, client: aioredis.Redis | None = None) -> None:
         self.prefix = settings.redis_prefix
-        password = settings.redis_password.get_secret_value() if settings.redis_password else None
+        # The pipeline's ACL user (BORDERFLOW_REDIS_USERNAME/_PASSWORD; docs/security.md).
         self.client = client or aioredis.Redis.from_url(
-            settings.redis_url, password=password, decode_responses=False
+            settings.redis_url, decode_responses=False, **settings.redis_credentials()
         )
         self._write_user_state = self.client.register_script(_WRITE_USER_STATE)
         self._replace_sorted_set = self.client.register_script(_REPLACE_SORTED_SET)

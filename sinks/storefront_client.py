@@ -6,13 +6,16 @@ both in one Lua call, so the list always matches the event its meta names.
 
     from sinks.storefront_client import StorefrontClient
 
-    shop = StorefrontClient("redis://127.0.0.1:16379/0")
+    shop = StorefrontClient("redis://127.0.0.1:16379/0")   # or with username=, password=
     recs = shop.recommendations("u42", n=10, country="DE")
     recs.item_ids          # ['i17', 'i3', ...] best first
     recs.basis             # 'session', 'profile', 'popular-country', 'popular-global'
     recs.event_ts          # event time (epoch ms) of the newest event they reflect
     shop.profile("u42")    # typed dict, or None for an unknown user
     shop.bought_together("i17", n=5)
+
+The client only reads: give it Redis's read-only storefront user (docs/security.md), which
+may read the ``bf:*`` keys and nothing else, and can write nothing.
 
 A user without recommendations yet (never seen) gets the country's popular items, then the
 global ones (``bf:popular:{country}``, ``bf:popular:global``), with ``basis`` saying so.
@@ -59,17 +62,20 @@ class StorefrontClient:
         url: str = "redis://127.0.0.1:16379/0",
         *,
         prefix: str = "bf:",
+        username: str | None = None,
         password: str | None = None,
         client: redis.Redis | None = None,
     ) -> None:
         self.prefix = prefix
-        self.client = client or redis.Redis.from_url(url, password=password)
+        self.client = client or redis.Redis.from_url(url, username=username, password=password)
 
     @classmethod
     def from_settings(cls, settings: Any) -> StorefrontClient:
-        """From borderflow's :class:`schemas.config.Settings` (the same environment)."""
-        password = settings.redis_password.get_secret_value() if settings.redis_password else None
-        return cls(settings.redis_url, prefix=settings.redis_prefix, password=password)
+        """From borderflow's :class:`schemas.config.Settings` (the same environment), as the
+        read-only storefront user when one is set (``BORDERFLOW_STOREFRONT_REDIS_USERNAME`` /
+        ``_PASSWORD``), else with the pipeline's credentials."""
+        credentials = settings.storefront_redis_credentials()
+        return cls(settings.redis_url, prefix=settings.redis_prefix, **credentials)
 
     def close(self) -> None:
         self.client.close()

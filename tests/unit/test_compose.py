@@ -13,6 +13,7 @@ import json
 import os
 import re
 import tomllib
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -499,11 +500,16 @@ def test_container_environment_builds_settings(
     assert settings.clickhouse_port == 9000
     assert settings.clickhouse_http_port == 8123
     assert settings.clickhouse_database == DATABASE
-    # Credentials agree with the ones the servers are started with.
-    redis_command = " ".join(services["redis"]["command"])
+    # Credentials agree with the ones the servers are started with: the Redis pipeline user
+    # and the ClickHouse writer (docs/security.md).
+    redis_env = {k: _interpolate(v) for k, v in _env_dict(services["redis"]["environment"]).items()}
     password = settings.redis_password
-    assert password is not None
-    assert password.get_secret_value() in _interpolate(redis_command)
+    assert password is not None and settings.redis_username
+    assert redis_env["BORDERFLOW_REDIS_USERNAME"] == settings.redis_username
+    assert redis_env["BORDERFLOW_REDIS_PASSWORD"] == password.get_secret_value()
+    # Least privilege: pipeline containers never get the storefront's or analyst's password.
+    assert settings.storefront_redis_password is None
+    assert settings.clickhouse_analyst_password is None
     clickhouse_env = _env_dict(services["clickhouse"]["environment"])
     assert _interpolate(clickhouse_env["CLICKHOUSE_USER"]) == settings.clickhouse_user
     assert (
@@ -526,6 +532,117 @@ def test_env_example_parses_into_settings(monkeypatch: pytest.MonkeyPatch) -> No
     # The host-side view of the compose stack: the published loopback ports.
     assert settings.kafka_bootstrap == "127.0.0.1:19092"
     assert settings.clickhouse_database == DATABASE
+
+
+# --- access (docs/security.md) -------------------------------------------------------------
+
+
+REDIS_START = REPO / "infra" / "redis" / "start.sh"
+ANALYST_XML = REPO / "infra" / "clickhouse" / "users.d" / "analyst.xml"
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Bind mounts of a service: repository path -> container path."""
+    return {
+        volume.split(":")[0]: volume.split(":")[1]
+        for volume in service.get("volumes", [])
+        if volume.startswith("./")
+    }
+
+
+def test_redis_starts_with_the_local_stacks_acl_users(services: dict[str, Any]) -> None:
+    from infra.stack import REDIS_PIPELINE_ACL, REDIS_STOREFRONT_ACL
+
+    redis = services["redis"]
+    entrypoint = redis["entrypoint"]
+    assert _mounts(redis)["./infra/redis/start.sh"] == entrypoint[-1]
+    script = REDIS_START.read_text()
+    acl = [line for line in script.splitlines() if line.startswith("user ")]
+    assert acl[0] == "user default off resetpass resetkeys resetchannels -@all"
+    pipeline = 'user ${BORDERFLOW_REDIS_USERNAME} on #$(sha256 "$BORDERFLOW_REDIS_PASSWORD")'
+    assert acl[1] == f"{pipeline} ~* resetchannels {REDIS_PIPELINE_ACL}"
+    storefront = (
+        "user ${BORDERFLOW_STOREFRONT_REDIS_USERNAME} on "
+        '#$(sha256 "$BORDERFLOW_STOREFRONT_REDIS_PASSWORD")'
+    )
+    assert acl[2] == f"{storefront} %R~${{PREFIX}}* resetchannels {REDIS_STOREFRONT_ACL}"
+    assert len(acl) == 3
+    assert "--aclfile" in script and "--appendonly yes" in script
+    assert "exec docker-entrypoint.sh redis-server" in script
+    # No password on any command line (`ps`, `docker inspect` would show it).
+    command_lines = " ".join(
+        [*redis.get("command", []), *entrypoint, *redis["healthcheck"]["test"]]
+    )
+    assert "PASSWORD" not in command_lines and "requirepass" not in command_lines
+    env = _env_dict(redis["environment"])
+    for name in ("REDIS_USERNAME", "REDIS_PASSWORD", "STOREFRONT_REDIS_USERNAME"):
+        assert f"{_ENV_PREFIX}{name}" in env
+    # The healthcheck logs in as the read-only user.
+    assert "--user" in redis["healthcheck"]["test"][-1]
+    assert env["REDISCLI_AUTH"] == env["BORDERFLOW_STOREFRONT_REDIS_PASSWORD"]
+
+
+def test_clickhouse_analyst_is_read_only_and_used_by_grafana(services: dict[str, Any]) -> None:
+    clickhouse = services["clickhouse"]
+    target = _mounts(clickhouse)["./infra/clickhouse/users.d/analyst.xml"]
+    assert target.startswith("/etc/clickhouse-server/users.d/") and target.endswith(".xml")
+    root = ET.fromstring(ANALYST_XML.read_text())
+    assert root.tag == "clickhouse"
+    users = root.find("users")
+    assert users is not None
+    [analyst] = list(users)
+    profile = root.find(f"profiles/{analyst.findtext('profile')}")
+    assert profile is not None and profile.findtext("readonly") == "1"
+    # Grafana's plugin sets max_execution_time on every query (its query timeout).
+    assert profile.find("constraints/max_execution_time/changeable_in_readonly") is not None
+    assert [db.text for db in analyst.iter("database")] == [DATABASE]
+    password = analyst.find("password")
+    assert password is not None and not (password.text or "").strip()
+    clickhouse_env = _env_dict(clickhouse["environment"])
+    assert password.get("from_env") in clickhouse_env
+    # Grafana logs in as that analyst, never as the writer.
+    grafana_env = {
+        k: _interpolate(v) for k, v in _env_dict(services["grafana"]["environment"]).items()
+    }
+    assert grafana_env["BORDERFLOW_CLICKHOUSE_USER"] == analyst.tag
+    assert grafana_env["BORDERFLOW_CLICKHOUSE_USER"] != _interpolate(
+        clickhouse_env["CLICKHOUSE_USER"]
+    )
+    assert grafana_env["BORDERFLOW_CLICKHOUSE_PASSWORD"] == _interpolate(
+        clickhouse_env[password.get("from_env", "")]
+    )
+    # .env.example names the same analyst for host-side tools.
+    env_example = _env_example()
+    assert env_example["BORDERFLOW_CLICKHOUSE_ANALYST_USER"] == analyst.tag
+
+
+def _env_example() -> dict[str, str]:
+    return {
+        line.split("=", 1)[0].strip(): line.split("=", 1)[1].strip()
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if "=" in line and not line.lstrip().startswith("#")
+    }
+
+
+def test_env_example_lists_every_secret_with_a_placeholder() -> None:
+    """Every secret the containers get is in .env.example, with an obvious placeholder."""
+    compose_text = COMPOSE.read_text()
+    env_example = _env_example()
+    secrets = {
+        f"{_ENV_PREFIX}{name.upper()}"
+        for name, field in Settings.model_fields.items()
+        if "SecretStr" in str(field.annotation)
+    }
+    used = {name for name in secrets if name in compose_text}
+    assert {
+        "BORDERFLOW_REDIS_PASSWORD",
+        "BORDERFLOW_STOREFRONT_REDIS_PASSWORD",
+        "BORDERFLOW_CLICKHOUSE_PASSWORD",
+        "BORDERFLOW_CLICKHOUSE_ANALYST_PASSWORD",
+        "BORDERFLOW_PSEUDONYM_KEY",
+    } <= used
+    for name in [*sorted(used), "GRAFANA_ADMIN_PASSWORD"]:
+        assert env_example.get(name, "").startswith("change-me"), name
 
 
 # --- prometheus ---------------------------------------------------------------------------
