@@ -55,10 +55,7 @@ def _drop_test_data(settings: Settings) -> None:
     from clickhouse_driver import Client
 
     try:
-        password = settings.redis_password
-        client = redis.Redis.from_url(
-            settings.redis_url, password=password.get_secret_value() if password else None
-        )
+        client = redis.Redis.from_url(settings.redis_url, **settings.redis_credentials())
         try:
             keys = list(client.scan_iter(match=f"{settings.redis_prefix}*", count=1000))
             if keys:
