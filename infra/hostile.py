@@ -59,6 +59,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from models.fx import USD_PER_UNIT
 from schemas.decode import MAX_MESSAGE_BYTES
 from schemas.events import CLICKS, FRAUD_LABELS, LOGISTICS, MAX_TS_MS, MIN_TS_MS, PAYMENTS
 
@@ -238,6 +239,13 @@ BAD_CURRENCIES: tuple[Any, ...] = (
     "eur", "Eur", "EURO", "EU", "", "€", "EUR\n", "E" + ZW + "UR", "ＥＵＲ", "E1R", "$$$",
     978, True, ["EUR"],
 )  # fmt: skip
+#: Well-formed ISO 4217 codes (or look-alikes) the FX table lacks: a payment in one is rejected,
+#: a priced click is kept (valued at USD 0).
+UNRATED_CURRENCIES: tuple[str, ...] = tuple(
+    code for code in ("XYZ", "VND", "XXX", "ZZZ", "IRR") if code not in USD_PER_UNIT
+)
+#: Every currency the FX table rates, for payments in less common currencies.
+RATED_CURRENCIES: tuple[str, ...] = tuple(sorted(USD_PER_UNIT))
 BAD_BOOLS: tuple[Any, ...] = ("maybe", "ja", "oui", 2, -1, 0.5, [], {}, "", None)
 
 #: Relative frequency of each kind of defective element.
@@ -364,7 +372,7 @@ def odd_workload(events: Iterable[ValidEvent], seed: int = 0, share: float = 0.1
     About ``share`` of all ids (users, events, sessions, items, cards, orders, ...) get an odd
     suffix, the same one wherever the id appears (a payment's ``event_id`` and its label's
     ``txn_id`` stay equal); some free texts get odd Unicode at their length bound; some
-    payments and priced clicks an unknown but well-formed currency, some countries ``ZZ`` or
+    payments any currency of the FX table, priced clicks an unrated one, some countries ``ZZ`` or
     ``XK``; a few amounts are 5e-324 or 999,999,999.99 and a few prices 0. Deterministic in
     ``seed``; the keys follow the user ids.
     """
@@ -391,7 +399,7 @@ def odd_workload(events: Iterable[ValidEvent], seed: int = 0, share: float = 0.1
         roll = rng.random()
         if topic == PAYMENTS:
             if roll < 0.04:
-                value["currency"] = rng.choice(("XYZ", "VND", "XXX", "ZZZ"))
+                value["currency"] = rng.choice(RATED_CURRENCIES)
             elif roll < 0.06:
                 value["amount"] = rng.choice((5e-324, 1e-6, 999_999_999.99))
             for name in ("billing_country", "ip_country"):
@@ -399,7 +407,7 @@ def odd_workload(events: Iterable[ValidEvent], seed: int = 0, share: float = 0.1
                     value[name] = rng.choice(("ZZ", "XK", "AA", "QQ"))
         elif topic == CLICKS:
             if roll < 0.03 and value.get("price"):
-                value["currency"] = rng.choice(("XYZ", "VND", "ZZZ"))
+                value["currency"] = rng.choice(UNRATED_CURRENCIES)
             elif roll < 0.04 and "price" in value:
                 value["price"] = 0.0
             elif roll < 0.06 and value.get("country"):
@@ -552,6 +560,10 @@ class HostileGenerator:
             value[name] = rng.choice(BAD_COUNTRIES)
         elif kind == "bad-currency":
             name = rng.choice(shape.currencies)
+            if topic == PAYMENTS and rng.random() < 0.3:
+                # Well-formed but without a rate: a payment must be valued in USD.
+                value[name] = rng.choice(UNRATED_CURRENCIES)
+                return value, f"{name}=unrated", "not in the FX rates table"
             value[name] = rng.choice(BAD_CURRENCIES)
         elif kind == "bad-text":
             name = rng.choice(sorted(shape.texts))
@@ -576,7 +588,7 @@ class HostileGenerator:
         return value, f"{name}={kind}", f"{name}:"
 
     # -- one hostile message that is wrong as a whole ------------------------------------------
-    def reject_message(self, topic: str) -> tuple[bytes | None, Reject]:
+    def reject_message(self, topic: str) -> tuple[bytes | None, tuple[Reject, ...]]:
         """A message value that must be rejected as a whole (index None), but for one case:
         an array whose only element is too deeply nested to re-encode (index 0)."""
         rng = self.rng
@@ -593,7 +605,7 @@ class HostileGenerator:
                 value, **{rng.choice(("event_id", "user_id", "x")): "Ω" * (self.huge_bytes // 2)}
             )
             huge = orjson.dumps([big] if rng.random() < 0.5 else big)
-            return huge, Reject("msg:huge", "exceeds", huge)
+            return huge, (Reject("msg:huge", "exceeds", huge),)
         case, expect = "", "Invalid JSON"
         if kind == 0:
             raw, case, expect = b"", "msg:empty", "empty message value"
@@ -642,11 +654,14 @@ class HostileGenerator:
             raw = plain.replace(b'"bad-', b'"' + escape + b"bad-", 1)
             case = "msg:lone-surrogate"
             if kind == 13:
-                raw = b"[" + raw + b"," + orjson.dumps(self.reject_element(topic)[0]) + b"]"
-                case, expect = "msg:lone-surrogate-array", "invalid JSON array"
-        # Kinds 13, 15 and 16 (in an array): today schemas/decode.py rejects the whole array
-        # when orjson refuses one element (a known gap, tests/chaos test_a_poison_element_...);
-        # once elements are rejected on their own, these labels become per-element rejects.
+                # In an array the element is rejected on its own (its dead letter carries the
+                # whole message: the element has no UTF-8 form), and so is its neighbour.
+                neighbour, neighbour_case, neighbour_expect = self.reject_element(topic)
+                raw = b"[" + raw + b"," + orjson.dumps(neighbour) + b"]"
+                return raw, (
+                    Reject("msg:lone-surrogate-array", "lone surrogate", raw, 0),
+                    Reject(neighbour_case, neighbour_expect, orjson.dumps(neighbour), 1),
+                )
         elif kind in (14, 15):  # non-standard numbers: fine in one object, fatal to an array
             literal = rng.choice((b"NaN", b"Infinity", b"-Infinity", b"1e400", b"-1e400"))
             name = rng.choice(SHAPES[topic].money + SHAPES[topic].prices + ("ts",))
@@ -654,8 +669,11 @@ class HostileGenerator:
             raw = orjson.dumps(value).replace(b'"__NUM__"', literal)
             case, expect = f"msg:{name}={literal.decode()}", f"{name}:"
             if kind == 15:
+                # In an array the element is read by the lenient parser and rejected on its
+                # own; its dead letter carries it re-encoded (orjson writes NaN/inf as null).
                 raw = b"[" + raw + b"]"
-                case, expect = f"msg:{name}={literal.decode()}-array", "invalid JSON array"
+                element = orjson.dumps(json.loads(raw)[0])
+                return raw, (Reject(f"{case}-array", expect, element, 0),)
         elif kind == 16:
             value["ts"] = "__NUM__"
             raw = orjson.dumps(value).replace(b'"__NUM__"', b"1" + b"7" * 5000)
@@ -682,12 +700,12 @@ class HostileGenerator:
             # Parsed (under 1,024 levels) but too deep to re-encode (254): the dead letter of
             # element 0 carries the whole message.
             raw = b'[{"event_id":"x","d":' + b"[" * 300 + b"]" * 300 + b"}]"
-            return raw, Reject("msg:deep-element", "ts:", raw, 0)
+            return raw, (Reject("msg:deep-element", "ts:", raw, 0),)
         else:  # one defective object alone: named like an array element, whole message
             element, case, expect = self.reject_element(topic, in_array=False)
             raw = (b" " if rng.random() < 0.1 else b"") + orjson.dumps(element)
             case = "single:" + case
-        return raw, Reject(case, expect, raw or b"")
+        return raw, (Reject(case, expect, raw or b""),)
 
     # -- mixing ---------------------------------------------------------------------------------
     def array(
@@ -781,9 +799,9 @@ class HostileGenerator:
             roll = rng.random()
             odd_key = self._hostile_key(topic)
             if roll < shares.whole_message:
-                raw_value, reject = self.reject_message(topic)
-                hostile_only.append(Message(topic, odd_key, raw_value, rejects=(reject,)))
-                budget -= 1
+                raw_value, rejects = self.reject_message(topic)
+                hostile_only.append(Message(topic, odd_key, raw_value, rejects=rejects))
+                budget -= len(rejects)
             elif roll < shares.whole_message + shares.single_element:
                 value, case, expect = self.reject_element(topic, in_array=False)
                 single = orjson.dumps(value)

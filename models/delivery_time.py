@@ -368,6 +368,9 @@ class ScanReport:
     returned: bool = False
     #: The scan hit an order completed long ago (only its id is remembered): not applied.
     stale: bool = False
+    #: Not applied because the book holds it: the (partition, offset) the held scan was
+    #: applied at, None when unknown (see ``ShipmentBook.apply``).
+    seen_at: tuple[int, int] | None = None
     #: On delivery: each snapshot's prediction against the truth (for evaluation/metrics).
     outcomes: list[SnapshotOutcome] = field(default_factory=list)
 
@@ -425,14 +428,17 @@ class LogisticsEngine(Checkpointable):
         self.watermark_ms = 0
 
     # -- one scan -----------------------------------------------------------------------------
-    def on_scan(self, book: ShipmentBook, scan: LogisticsEvent) -> ScanReport:
-        """Apply ``scan`` to ``book`` and do everything that follows (module docstring)."""
+    def on_scan(
+        self, book: ShipmentBook, scan: LogisticsEvent, position: tuple[int, int] | None = None
+    ) -> ScanReport:
+        """Apply ``scan`` to ``book`` and do everything that follows (module docstring);
+        ``position`` is the scan's Kafka (partition, offset), kept in the book."""
         counters = self.counters
         counters["scans"] += 1
         self.watermark_ms = max(self.watermark_ms, scan.ts)
         before = book.get(scan.order_id)
         was_returned = before.returned if before is not None else False
-        shipment, outcome = book.apply(scan)
+        shipment, outcome = book.apply(scan, position)
         if not outcome.applied:
             counters["stale" if outcome.stale else "duplicates"] += 1
             return ScanReport(
@@ -441,6 +447,7 @@ class LogisticsEngine(Checkpointable):
                 predicted_delivery_ts=shipment.predicted_delivery_ts or None,
                 delay_risk=shipment.delay_risk,
                 stale=outcome.stale,
+                seen_at=outcome.seen_at,
             )
         counters["out_of_order"] += int(outcome.out_of_order)
         counters["invalid_transitions"] += int(outcome.invalid_transition is not None)

@@ -288,6 +288,24 @@ class _Snapshot:
     features: bytes
     score: Score
     learned: bool = False
+    #: Offset of the payment in the engine's payments partition when first scored (None:
+    #: unknown, scored without one or restored from an image older than offsets).
+    offset: int | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        # Images from before ``offset`` existed lack it: unknown.
+        self.offset = None
+        slots = state[1] if isinstance(state, tuple) else state
+        for name, value in (slots or {}).items():
+            setattr(self, name, value)
+
+
+@dataclass(frozen=True, slots=True)
+class LabelRepeat:
+    """A label event the engine had received before (see :meth:`FraudEngine.add_labels`)."""
+
+    #: Offset it was first received at (None when unknown).
+    first_offset: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +315,10 @@ class ScoredPayment:
     score: Score
     is_alert: bool
     threshold: float
+    #: The payment had been scored before: this is its first score again, no state changed.
+    repeat: bool = False
+    #: For a repeat: the offset it was first scored at (None when unknown).
+    first_offset: int | None = None
 
 
 class AlertPolicy:
@@ -406,6 +428,10 @@ class FraudEngine(Checkpointable):
         #: txn_id -> how it was scored; kept after its label is learned (until the TTL) so
         #: that a redelivered payment or label changes nothing.
         self.snapshots: OrderedDict[str, _Snapshot] = OrderedDict()
+        #: label event_id -> (offset in the partition's label stream, None if unknown; label
+        #: time) of the labels received (until the snapshot TTL), so a label event sent again
+        #: is not queued twice and the agent can tell a replay from a duplicate.
+        self.label_events: OrderedDict[str, tuple[int | None, int]] = OrderedDict()
         #: (payment ts, txn_id) in scoring order: payments still waiting for a label or for
         #: the label timeout (an index into ``snapshots``, so the timeout check is O(1)).
         self._awaiting_label: deque[tuple[int, str]] = deque()
@@ -428,14 +454,48 @@ class FraudEngine(Checkpointable):
     def model_version(self) -> str:
         return self.model.version
 
-    def add_labels(self, labels: Iterable[FraudLabelEvent]) -> None:
-        """Queue labels; each is learned when payments' event time passes its apply time."""
-        for label in labels:
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Images from before label events were remembered lack ``label_events``.
+        state.setdefault("label_events", OrderedDict())
+        self.__dict__.update(state)
+
+    def add_labels(
+        self, labels: Iterable[FraudLabelEvent], offsets: Iterable[int] | None = None
+    ) -> list[LabelRepeat | None]:
+        """Queue labels; each is learned when payments' event time passes its apply time.
+
+        ``offsets``: each label's offset in the partition's label stream. A label event
+        received before (same event id) is not queued again; for each label the result holds
+        None (new, queued) or a :class:`LabelRepeat` saying where it was first received. A
+        *relabel* (another event id for the same transaction) is a new label.
+        """
+        known = self.label_events
+        offset_list = list(offsets) if offsets is not None else None
+        result: list[LabelRepeat | None] = []
+        for i, label in enumerate(labels):
+            offset = offset_list[i] if offset_list is not None else None
+            first = known.get(label.event_id)
+            if first is not None:
+                result.append(LabelRepeat(first[0]))
+                continue
+            known[label.event_id] = (offset, label.ts)
             self._seq += 1
             heapq.heappush(
                 self._pending, _PendingLabel(label.ts + self.label_apply_delay_ms, self._seq, label)
             )
             self.label_watermark_ms = max(self.label_watermark_ms, label.ts)
+            result.append(None)
+        self._expire_label_events()
+        return result
+
+    def _expire_label_events(self) -> None:
+        horizon = self.watermark_ms - self.snapshot_ttl_ms
+        known = self.label_events
+        while known:
+            _, ts = next(iter(known.values()))
+            if ts >= horizon and len(known) <= self.max_snapshots:
+                break
+            known.popitem(last=False)
 
     def labels_complete_for(self, ts_ms: int) -> bool:
         """True when every label that must be learned before scoring at ``ts_ms`` is here."""
@@ -478,30 +538,41 @@ class FraudEngine(Checkpointable):
                 self._learn(snapshot, False, snapshot.ts + self.label_timeout_ms)
                 self.labels_timed_out += 1
 
-    def score(self, payments: Iterable[PaymentEvent]) -> list[ScoredPayment]:
+    def score(
+        self, payments: Iterable[PaymentEvent], offsets: Iterable[int] | None = None
+    ) -> list[ScoredPayment]:
         """Score payments in the order given (the partition's log order).
 
-        A payment seen before (a redelivery after a crash) gets its first score again and
-        changes no state, so at-least-once delivery cannot skew velocities.
+        A payment seen before (a redelivery after a crash, or the same event sent twice) gets
+        its first score again and changes no state, so at-least-once delivery cannot skew
+        velocities; it is marked ``repeat``, with the offset it was first scored at (from
+        ``offsets``, each payment's offset in the partition, when given).
         """
         scored = []
-        for payment in payments:
+        offset_list = list(offsets) if offsets is not None else None
+        for i, payment in enumerate(payments):
+            offset = offset_list[i] if offset_list is not None else None
             amount_usd = usd_amount(payment)
             previous = self.snapshots.get(payment.event_id)
             if previous is not None:
-                score = previous.score
-                alert, threshold = score.score >= self.threshold, self.threshold
-            else:
-                self._apply_labels_until(payment.ts)
-                self.watermark_ms = max(self.watermark_ms, payment.ts)
-                x = self.features.extract(payment)
-                score = self.model.score(x)
-                self.features.update(payment)
-                self.snapshots[payment.event_id] = _Snapshot(
-                    payment.ts, payment.merchant_id, pack(x), score
-                )
-                self._awaiting_label.append((payment.ts, payment.event_id))
-                alert, threshold = self.policy.decide(score.score, payment.ts)
+                alert = previous.score.score >= self.threshold
+                scored.append(
+                    ScoredPayment(
+                        payment, amount_usd, previous.score, alert, self.threshold,
+                        repeat=True, first_offset=previous.offset,
+                    )
+                )  # fmt: skip
+                continue
+            self._apply_labels_until(payment.ts)
+            self.watermark_ms = max(self.watermark_ms, payment.ts)
+            x = self.features.extract(payment)
+            score = self.model.score(x)
+            self.features.update(payment)
+            self.snapshots[payment.event_id] = _Snapshot(
+                payment.ts, payment.merchant_id, pack(x), score, offset=offset
+            )
+            self._awaiting_label.append((payment.ts, payment.event_id))
+            alert, threshold = self.policy.decide(score.score, payment.ts)
             scored.append(ScoredPayment(payment, amount_usd, score, alert, threshold))
         self._expire_snapshots()
         return scored
@@ -513,6 +584,7 @@ class FraudEngine(Checkpointable):
             if oldest.ts >= horizon and len(self.snapshots) <= self.max_snapshots:
                 break
             self.snapshots.popitem(last=False)
+        self._expire_label_events()
 
     @property
     def pending_labels(self) -> int:

@@ -8,7 +8,10 @@ logistics agent: average delivery days, late share), plus the recommendations la
 (for online evaluation).
 
 ``apply_click`` is idempotent: each profile keeps the ids of its most recent events, so a
-redelivered event (at-least-once processing) is ignored instead of counted twice.
+redelivered event (at-least-once processing) is ignored instead of counted twice. With each id
+it keeps the Kafka position (partition, offset) the event was applied at, so the clicks agent
+can tell a *replay* (the same message read again after a crash: its rows are rebuilt) from a
+*duplicate* (the same event id sent again, at a new offset: nothing is written again).
 
 >>> from schemas.events import ClickEvent
 >>> p = UserProfile.new("u1")
@@ -33,6 +36,8 @@ AFFINITY_HALF_LIFE_MS = 7 * 24 * 3600 * 1000
 #: A gap of more than 30 minutes (event time) starts a new session.
 SESSION_GAP_MS = 30 * 60 * 1000
 RECENT_EVENT_IDS = 64
+#: Placeholder in ``recent_event_positions`` for an event applied without a known position.
+UNKNOWN_POSITION = (-1, -1)
 #: Price bands in USD: (name, lower bound). A band holds prices from its bound to the next.
 PRICE_BANDS: tuple[tuple[str, float], ...] = (
     ("budget", 0.0),
@@ -74,6 +79,10 @@ class UserProfile:
     session_items: list[str] = field(default_factory=list)
     recent_purchases: list[str] = field(default_factory=list)
     recent_event_ids: list[str] = field(default_factory=list)
+    #: [partition, offset] at which each of the *last* ``len(recent_event_positions)`` ids of
+    #: ``recent_event_ids`` was applied (aligned at the end: profiles stored before positions
+    #: were kept have fewer positions than ids, and their older ids have no known position).
+    recent_event_positions: list[list[int]] = field(default_factory=list)
     personalisation: bool = True
     last_purchase_ts: int = 0
     #: RFM segment (models.segments): "high-value", "dynamic", "growth"; "" before a purchase.
@@ -111,6 +120,20 @@ class UserProfile:
         self.scored[event_id] = [rank, recs_size, personalised, served_at_ts]
         if len(self.scored) > RECENT_EVENT_IDS:
             del self.scored[next(iter(self.scored))]
+
+    def position_of(self, event_id: str) -> tuple[int, int] | None:
+        """The Kafka (partition, offset) at which a remembered event was applied; None when
+        it is not known (applied by an older version, or without a position)."""
+        try:
+            index = self.recent_event_ids.index(event_id)
+        except ValueError:
+            return None
+        index -= len(self.recent_event_ids) - len(self.recent_event_positions)
+        if index < 0:
+            return None
+        partition, offset = self.recent_event_positions[index]
+        position = (int(partition), int(offset))
+        return None if position == UNKNOWN_POSITION else position
 
     @classmethod
     def new(cls, user_id: str) -> UserProfile:
@@ -212,13 +235,24 @@ class UserProfile:
         }
 
 
-def apply_click(profile: UserProfile, event: ClickEvent) -> bool:
-    """Fold one click into ``profile``; False when the event was already applied."""
-    if event.event_id in profile.recent_event_ids:
+def apply_click(
+    profile: UserProfile, event: ClickEvent, position: tuple[int, int] | None = None
+) -> bool:
+    """Fold one click into ``profile``; False when the event was already applied.
+
+    ``position`` is the click's Kafka (partition, offset), remembered with its id (see
+    :meth:`UserProfile.position_of`).
+    """
+    ids = profile.recent_event_ids
+    if event.event_id in ids:
         return False
-    profile.recent_event_ids.append(event.event_id)
-    if len(profile.recent_event_ids) > RECENT_EVENT_IDS:
-        del profile.recent_event_ids[0]
+    positions = profile.recent_event_positions
+    ids.append(event.event_id)
+    positions.append(list(position or UNKNOWN_POSITION))
+    if len(ids) > RECENT_EVENT_IDS:
+        del ids[0]
+    if len(positions) > len(ids):
+        del positions[0]
 
     ts = event.ts
     previous_ts = profile.last_ts

@@ -12,8 +12,10 @@ Rules, precisely:
   The current ``status`` (and ``status_ts``, ``location``) is always that of the scan with the
   latest event time.
 * **Duplicates.** A scan whose ``event_id`` the shipment already holds changes nothing and is
-  reported as not applied. So is any scan of an order completed long ago whose full state was
-  dropped (only its id is remembered, :data:`MAX_DONE`).
+  reported as not applied, with the Kafka position the held scan was applied at
+  (``ApplyOutcome.seen_at``: the agent tells a replay from a duplicate by it). So is any scan
+  of an order completed long ago whose full state was dropped (only its id is remembered,
+  :data:`MAX_DONE`).
 * **Valid transitions.** ``a -> b`` between event-time neighbours is valid when ``b == a`` (a
   re-scan, e.g. a second hub) or ``b`` is *reachable* from ``a`` in
   :data:`SHIPMENT_TRANSITIONS` (skipped scans are normal: carriers miss scans). Anything else
@@ -134,7 +136,9 @@ class Shipment:
     status: str = "created"
     status_ts: int = 0
     location: str | None = None
-    #: ``[ts, status, event_id]`` sorted by event time (bounded, :data:`MAX_SCANS`).
+    #: ``[ts, status, event_id, partition, offset]`` sorted by event time (bounded,
+    #: :data:`MAX_SCANS`); the Kafka position is missing from scans applied without one (and
+    #: from books stored before positions were kept).
     scans: list[list[Any]] = field(default_factory=list)
     customs_holds: int = 0
     customs_ms: int = 0
@@ -183,13 +187,16 @@ class Shipment:
         return self.hold_start_ts > 0
 
     def has_scan(self, event_id: str) -> bool:
-        return any(row[2] == event_id for row in self.scans)
+        return self.find_scan(event_id) is not None
+
+    def find_scan(self, event_id: str) -> list[Any] | None:
+        return next((row for row in self.scans if row[2] == event_id), None)
 
     def hold_durations(self) -> list[int]:
         """Durations (ms) of the finished customs holds in the kept scans, in event time."""
         durations = []
         start = 0
-        for ts, status, _ in self.scans:
+        for ts, status, *_ in self.scans:
             if status == "customs_hold":
                 if not start:
                     start = ts
@@ -204,7 +211,9 @@ class Shipment:
         return self.customs_ms + running
 
     # -- mutation -----------------------------------------------------------------------------
-    def insert(self, scan: LogisticsEvent) -> tuple[bool, str | None]:
+    def insert(
+        self, scan: LogisticsEvent, position: tuple[int, int] | None = None
+    ) -> tuple[bool, str | None]:
         """Insert a new scan in event-time order; returns (out_of_order, invalid edge)."""
         times = [row[0] for row in self.scans]
         at = bisect_right(times, scan.ts)
@@ -216,7 +225,7 @@ class Shipment:
             invalid = f"{scan.status} -> {self.scans[at][1]}"
         if invalid is not None:
             self.invalid_transitions += 1
-        self.scans.insert(at, [scan.ts, scan.status, scan.event_id])
+        self.scans.insert(at, scan_row(scan, position))
         if not out_of_order:
             self.location = scan.location if scan.location is not None else self.location
         if scan.promised_ts and not self.promised_ts:
@@ -228,7 +237,7 @@ class Shipment:
         return out_of_order, invalid
 
     def _fold_oldest(self) -> None:
-        ts, status, _ = self.scans.pop(0)
+        ts, status, *_ = self.scans.pop(0)
         if status == "customs_hold":
             following = self.scans[0]
             self.folded[1] += following[0] - ts  # hold time is additive over scan pairs
@@ -239,13 +248,13 @@ class Shipment:
 
     def _derive(self) -> None:
         """Recompute status and counters from the sorted scans (cheap: a few dozen rows)."""
-        last_ts, last_status, _ = self.scans[-1]
+        last_ts, last_status, *_ = self.scans[-1]
         self.status, self.status_ts = last_status, last_ts
         holds, hold_ms, failed = self.folded
         start = 0
         delivered = 0
         returned = False
-        for ts, status, _ in self.scans:
+        for ts, status, *_ in self.scans:
             if status == "customs_hold":
                 if not start:
                     start = ts
@@ -264,6 +273,19 @@ class Shipment:
         self.delivered_ts, self.returned = delivered, returned
 
 
+def scan_row(scan: LogisticsEvent, position: tuple[int, int] | None) -> list[Any]:
+    """A shipment's ``scans`` row of ``scan``."""
+    row: list[Any] = [scan.ts, scan.status, scan.event_id]
+    if position is not None:
+        row.extend(position)
+    return row
+
+
+def scan_position(row: list[Any]) -> tuple[int, int] | None:
+    """The Kafka (partition, offset) of a ``scans`` row, None when it was not kept."""
+    return (int(row[3]), int(row[4])) if len(row) >= 5 else None
+
+
 @dataclass(frozen=True, slots=True)
 class ApplyOutcome:
     """What :meth:`ShipmentBook.apply` did with one scan."""
@@ -275,6 +297,9 @@ class ApplyOutcome:
     completed_now: bool = False
     #: True when the scan hit an order known only by id (completed long ago).
     stale: bool = False
+    #: Not applied because the shipment holds it: the (partition, offset) the held scan was
+    #: applied at, None when unknown.
+    seen_at: tuple[int, int] | None = None
 
 
 class ShipmentBook:
@@ -295,8 +320,11 @@ class ShipmentBook:
     def __len__(self) -> int:
         return len(self.open) + len(self.completed)
 
-    def apply(self, scan: LogisticsEvent) -> tuple[Shipment, ApplyOutcome]:
-        """Fold one scan in (see the module docstring for the rules)."""
+    def apply(
+        self, scan: LogisticsEvent, position: tuple[int, int] | None = None
+    ) -> tuple[Shipment, ApplyOutcome]:
+        """Fold one scan in (see the module docstring for the rules); ``position`` is its
+        Kafka (partition, offset), kept with the scan."""
         order_id = scan.order_id
         shipment = self.open.get(order_id)
         if shipment is None:
@@ -308,14 +336,15 @@ class ShipmentBook:
                 stub.status, stub.status_ts = str(gone[0]), int(gone[1])
                 return stub, ApplyOutcome(applied=False, stale=True)
             shipment = Shipment.from_scan(scan)
-            shipment.scans.append([scan.ts, scan.status, scan.event_id])
+            shipment.scans.append(scan_row(scan, position))
             shipment._derive()
             self.open[order_id] = shipment
             self._bound_open(order_id)
             return shipment, self._settle(shipment, ApplyOutcome(applied=True))
-        if shipment.has_scan(scan.event_id):
-            return shipment, ApplyOutcome(applied=False)
-        out_of_order, invalid = shipment.insert(scan)
+        held = shipment.find_scan(scan.event_id)
+        if held is not None:
+            return shipment, ApplyOutcome(applied=False, seen_at=scan_position(held))
+        out_of_order, invalid = shipment.insert(scan, position)
         return shipment, self._settle(shipment, ApplyOutcome(True, out_of_order, invalid))
 
     def _settle(self, shipment: Shipment, outcome: ApplyOutcome) -> ApplyOutcome:

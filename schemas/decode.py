@@ -7,6 +7,7 @@ reason and position while its neighbours are kept.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -59,13 +60,23 @@ def decode_message(model: type[M], raw: bytes | None) -> tuple[list[M], list[Rej
     try:
         items = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        return [], [Rejected(f"invalid JSON array: {exc}", raw)]
+        # orjson refuses NaN/Infinity, numbers beyond a double and lone-surrogate escapes
+        # anywhere in the array; the standard library reads them, so that one such element
+        # is rejected on its own instead of taking its valid neighbours along.
+        items = _lenient_array(raw)
+        if items is None:
+            return [], [Rejected(f"invalid JSON array: {exc}", raw)]
     events: list[M] = []
     rejected: list[Rejected] = []
     for index, item in enumerate(items):
         if not isinstance(item, dict):
             rejected.append(
                 Rejected("array element is not a JSON object", _element_bytes(item, raw), index)
+            )
+            continue
+        if not _encodable(item):
+            rejected.append(
+                Rejected("array element has a lone surrogate escape (not UTF-8)", raw, index)
             )
             continue
         try:
@@ -84,3 +95,28 @@ def _element_bytes(item: object, message: bytes) -> bytes:
         return orjson.dumps(item)
     except (TypeError, orjson.JSONEncodeError):
         return message
+
+
+def _lenient_array(raw: bytes) -> list[object] | None:
+    """``raw`` parsed by the standard library, if it is a JSON array there; else None."""
+    try:
+        # Strict UTF-8 first: bytes that are not UTF-8 make the whole message invalid JSON
+        # (json.loads on bytes would let encoded surrogates through as text).
+        items = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, 4,300+ digit ints
+        return None
+    return items if isinstance(items, list) else None
+
+
+def _encodable(value: object) -> bool:
+    """False when a string in ``value`` holds a lone surrogate (no UTF-8 form)."""
+    try:
+        if isinstance(value, str):
+            value.encode("utf-8")
+        elif isinstance(value, dict):
+            return all(_encodable(k) and _encodable(v) for k, v in value.items())
+        elif isinstance(value, list):
+            return all(_encodable(v) for v in value)
+    except (UnicodeEncodeError, RecursionError):
+        return False
+    return True

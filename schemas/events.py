@@ -24,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    field_validator,
     model_validator,
 )
 
@@ -159,6 +160,18 @@ class PaymentEvent(InboundEvent):
     #: Where the order ships from (the merchant's country): with ``shipping_country`` it names
     #: the payment's cross-border corridor in the analytics tables.
     origin_country: Country | None = None
+
+    @field_validator("currency")
+    @classmethod
+    def _currency_has_a_rate(cls, currency: str) -> str:
+        # A payment must be valued in USD (fraud features, revenue); valuing an unknown
+        # currency at face value would make 2.5M VND (about 100 USD) a 2.5M USD payment.
+        # Dead-lettered instead: loud, and replayable once the rates file has the currency.
+        from models.fx import FX_RATES_VERSION, USD_PER_UNIT
+
+        if currency not in USD_PER_UNIT:
+            raise ValueError(f"currency {currency} is not in the FX rates table {FX_RATES_VERSION}")
+        return currency
 
     @property
     def txn_id(self) -> str:

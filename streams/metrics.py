@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import faust
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from schemas.config import Settings
@@ -303,6 +303,19 @@ class _StateCollector:
         yield from self._consumer(runtime)
         yield from self._clickhouse(runtime)
         yield from self._models(runtime)
+        yield self._duplicates(runtime)
+
+    def _duplicates(self, runtime: Runtime) -> Metric:
+        family = CounterMetricFamily(
+            "borderflow_duplicate_events",
+            "Events dropped as duplicates (event id already applied at another offset): "
+            "no fact row, no Redis write.",
+            labels=["topic"],
+        )
+        counts = getattr(runtime, "duplicates", {})
+        for name in INPUT_TOPICS:
+            family.add_metric([name], float(counts.get(name, 0)))
+        return family
 
     def _consumer(self, runtime: Runtime) -> Iterator[Metric]:
         metrics = self.metrics

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
@@ -78,6 +79,8 @@ class Runtime:
         #: Last offset seen per fraud-labels partition (to tell a caught-up label stream).
         self.label_offsets: dict[int, int] = {}
         self.deadlettered = 0
+        #: Events dropped as duplicates (streams/agents/repeats.py), per input topic.
+        self.duplicates: Counter[str] = Counter()
         #: Where each fact table's rows end, per partition (exactly-once facts).
         self.positions = SinkPositions(settings)
         #: Prometheus metrics of this worker app (served at /metrics; see streams/metrics.py).

@@ -11,9 +11,13 @@ for items bought together in the batch and ``bf:popular:{country|global}`` for t
 countries; ClickHouse ``rec_predictions`` (was each click in
 the recs served just before it?), ``events_per_minute`` and ``segment_mix_per_hour``;
 invalid clicks to ``deadletter``.
-Guarantee: at-least-once; profile updates skip already-applied event ids, Redis writes are
-guarded by event time, ``rec_predictions`` is keyed by event id, so redelivery is harmless.
-One table write per user per batch.
+Guarantee: at-least-once processing, exactly-once rows. Profile updates skip already-applied
+event ids; the profile remembers the position each id was applied at, so a click read again at
+that position (a replay after a crash) gets its rows rebuilt and its user served again, while
+the same event id at a new position (a duplicate) writes nothing and is counted
+(``streams/agents/repeats.py``). Redis writes are guarded by event time. Only users whose
+profile changed in the batch (or who had a replay) are served: one table write and one Redis
+state per such user and batch.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from models.fx import to_usd
 from models.profile import UserProfile, apply_click
 from models.serving import session_key
 from schemas.events import CLICKS, ClickEvent
+from streams.agents.repeats import Repeat, Repeats
 from streams.runtime import Runtime, micro_batches, wall_ms
 
 DAY_MS = 86_400_000
@@ -52,6 +57,11 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
     serving = await runtime.serving_models()
     table = runtime.topology.user_profiles
     profiles: dict[str, UserProfile] = {}
+    #: Users to serve: their profile changed, or a replay may have to rebuild their state.
+    to_serve: set[str] = set()
+    #: The batch's clicks without the duplicates.
+    kept: list[tuple[faust.EventT, ClickEvent]] = []
+    repeats = Repeats(runtime, CLICKS)
     facts = await runtime.positions.rows_for(CLICKS, [event for event, _ in clicks])
     ingested_at = wall_ms() // 1000
     for event, click in clicks:
@@ -69,7 +79,18 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
         amount = 0.0
         if click.type == "purchase" and click.price and click.currency:
             amount = to_usd(click.price, click.currency) or 0.0
-        applied = apply_click(profile, click)
+        position = (event.message.partition, event.message.offset)
+        applied = apply_click(profile, click, position)
+        repeat = repeats.classify(
+            click.event_id,
+            position,
+            seen=not applied,
+            first=None if applied else profile.position_of(click.event_id),
+        )
+        if repeat is Repeat.DUPLICATE:
+            continue  # its rows were written with the first copy
+        to_serve.add(click.user_id)
+        kept.append((event, click))
         if applied:
             serving.learn_click(
                 click,
@@ -89,9 +110,9 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
             if rank is not None:
                 profile.remember_score(click.event_id, rank, *served)
         else:
-            # Applied before a crash, but its rows may not have reached ClickHouse: they are
-            # rebuilt from what the profile remembers (the written positions drop them if the
-            # tables hold them already).
+            # A replay: applied before a crash, but its rows may not have reached ClickHouse,
+            # nor its state Redis. The rows are rebuilt from what the profile remembers (the
+            # written positions drop them if the tables hold them already).
             remembered = profile.scored.get(click.event_id)
             if remembered is not None:
                 rank, served = remembered[0], (remembered[1], remembered[2], remembered[3])
@@ -112,7 +133,7 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
             ))  # fmt: skip
 
     top_n = runtime.settings.recs_top_n
-    states = runtime.serve(profiles)
+    states = runtime.serve({user_id: profiles[user_id] for user_id in to_serve})
     await runtime.redis.write_user_states(
         states, updated_at_ms=wall_ms(), processed={CLICKS: len(clicks)}
     )
@@ -121,8 +142,8 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
         {item_id: serving.fbt.top(item_id, fbt_top_n) for item_id in serving.fbt.drain_changed()}
     )
     # Trending lists of the batch's countries, for users the storefront knows nothing about.
-    if clicks:
-        countries = {click.country or profiles[click.user_id].country for _, click in clicks}
+    if kept:
+        countries = {click.country or profiles[click.user_id].country for _, click in kept}
         recommender = serving.recommender
         await runtime.redis.write_item_lists(
             {
@@ -136,7 +157,7 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
         # Producer timestamp (CreateTime, seconds) -> now: produce to visible in Redis.
         visible_ms = wall_ms()
         await runtime.redis.record_latencies(
-            "recs", [visible_ms - event.message.timestamp * 1000 for event, _ in clicks]
+            "recs", [visible_ms - event.message.timestamp * 1000 for event, _ in kept]
         )
     # Clicks were counted in the same pipeline as the user states.
     # Rollups (events_per_minute/hour, segment_mix_per_hour) are views over click_events.

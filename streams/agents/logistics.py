@@ -9,11 +9,14 @@ statistics) and delivery lanes inside :class:`models.serving.ServingModels`.
 Outputs: Redis ``bf:shipment:{order_id}`` (status in the user's language, predicted and
 promised delivery, delay risk; guarded by event time), ``bf:profile:{u}`` / ``bf:recs:{u}``
 of users with a delivery or return in the batch; topic ``logistics-alerts`` (delay alerts, at
-most one per shipment and kind); ClickHouse ``shipment_events`` (every scan),
+most one per shipment and kind); ClickHouse ``shipment_events`` (every scan but duplicates),
 ``shipment_predictions`` (every applied scan's prediction), ``shipments`` (completed orders)
 and ``events_per_minute``; invalid scans to ``deadletter``.
-Guarantee: at-least-once; books ignore scans they already hold, alerts are remembered in the
-book before they are sent, ClickHouse tables are ReplacingMergeTrees keyed by event or order.
+Guarantee: at-least-once processing, exactly-once rows. Books ignore scans they already hold
+and remember the position each scan was applied at: a held scan read again at that position
+(a replay after a crash) gets its ``shipment_events`` row, its order's ``shipments`` row and
+its Redis view rebuilt; at a new position (a duplicate) it writes nothing and is counted
+(``streams/agents/repeats.py``). Alerts are remembered in the book before they are sent.
 One read and one write per user and table per batch.
 """
 
@@ -29,6 +32,7 @@ from models.delivery_time import ScanReport
 from models.profile import UserProfile, record_delivery, record_scan
 from models.shipments import Shipment, ShipmentBook, status_text
 from schemas.events import LOGISTICS, LogisticsAlert, LogisticsEvent
+from streams.agents.repeats import Repeat, Repeats
 from streams.runtime import Runtime, micro_batches, wall_ms
 
 HOUR_MS = 3_600_000
@@ -128,21 +132,31 @@ async def process_scans(runtime: Runtime, events: Sequence[faust.EventT]) -> int
     alerts: list[LogisticsAlert] = []
     #: order_id -> (the batch's last scan that completed or updated it, its row).
     completions: dict[str, tuple[faust.EventT, tuple[Any, ...]]] = {}
+    repeats = Repeats(runtime, LOGISTICS)
     for event, scan in scans:
+        book = batch.book(scan.user_id)
+        position = (event.message.partition, event.message.offset)
+        report = engine.on_scan(book, scan, position)
+        shipment = report.shipment
+        # A stale scan (its order is remembered by id only) is not known as a repeat: written.
+        held = not report.applied and not report.stale
+        repeat = repeats.classify(scan.event_id, position, seen=held, first=report.seen_at)
+        if repeat is Repeat.DUPLICATE:
+            continue  # its rows were written with the first copy
         facts.add("shipment_events", event, (
             scan.event_id, scan.order_id, scan.user_id, scan.carrier, scan.origin_country,
             scan.dest_country, scan.status, scan.ts // 1000, scan.ts, scan.promised_ts or 0,
             scan.location or "", ingested_at,
         ))  # fmt: skip
-        book = batch.book(scan.user_id)
-        report = engine.on_scan(book, scan)
-        shipment = report.shipment
         if not report.applied:
-            # A repeat, maybe of a scan applied just before a crash: its completion row may
-            # not have reached ClickHouse (the written positions drop it if it did).
-            if not report.stale and shipment.completed and scan.status in COMPLETING:
-                row = completion_row(shipment, scan.ts, ingested_at)
-                completions[shipment.order_id] = (event, row)
+            if held:
+                # A replay of a scan applied just before a crash: its order's completion row
+                # and Redis view may not have got out (the written positions drop the row if
+                # ClickHouse has it; the view is guarded by event time).
+                if shipment.completed and scan.status in COMPLETING:
+                    row = completion_row(shipment, scan.ts, ingested_at)
+                    completions[shipment.order_id] = (event, row)
+                views[shipment.order_id] = shipment
             continue
         batch.changed_books.add(scan.user_id)
         views[shipment.order_id] = shipment

@@ -8,10 +8,12 @@ that partition is behind in event time, the batch waits (at most ``fraud_label_w
 Outputs: ClickHouse ``fraud_scores`` and ``events_per_minute``; topic ``fraud-alerts`` and
 the capped Redis stream ``bf:alerts`` for scores at or above the policy's threshold, with
 reasons; invalid payments to ``deadletter``.
-Guarantee: at-least-once; offsets are committed once the rows are in ClickHouse and the
-partition's engine is checkpointed to Redis (so a restored engine has seen everything
-before the committed offset). A redelivered payment gets its first score again (no state
-change) and ``fraud_scores`` is a ReplacingMergeTree on txn_id.
+Guarantee: at-least-once processing, exactly-once rows; offsets are committed once the rows
+are in ClickHouse and the partition's engine is checkpointed to Redis (so a restored engine has
+seen everything before the committed offset). A payment scored before gets its first score
+again (no state change): read again at the offset it was first scored at (a replay after a
+crash) its row and alert are rebuilt; at a new offset (a duplicate) it writes and sends
+nothing and is counted (``streams/agents/repeats.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import orjson
 
 from models.fraud import ScoredPayment
 from schemas.events import PAYMENTS, FraudAlert, PaymentEvent
+from streams.agents.repeats import Repeat, Repeats
 from streams.runtime import Runtime, micro_batches, wall_ms
 
 
@@ -72,11 +75,22 @@ async def process_payments(runtime: Runtime, events: Sequence[faust.EventT]) -> 
 
     scored_at = wall_ms() // 1000
     alerts = []
+    repeats = Repeats(runtime, PAYMENTS)
     for partition, batch in by_partition.items():
         await wait_for_labels(runtime, partition, max(p.ts for p in batch))
         engine = await runtime.fraud_engine(partition)
-        for event, scored in zip(source[partition], engine.score(batch), strict=True):
+        offsets = [event.message.offset for event in source[partition]]
+        for event, scored in zip(source[partition], engine.score(batch, offsets), strict=True):
             payment = scored.payment
+            first = None if scored.first_offset is None else (partition, scored.first_offset)
+            repeat = repeats.classify(
+                payment.event_id,
+                (partition, event.message.offset),
+                seen=scored.repeat,
+                first=first,
+            )
+            if repeat is Repeat.DUPLICATE:
+                continue  # its row and alert went out with the first copy
             facts.add("fraud_scores", event, (
                 payment.event_id, payment.user_id, payment.card_id, payment.merchant_id,
                 payment.ts // 1000, payment.ts, payment.amount, payment.currency,

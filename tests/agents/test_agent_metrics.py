@@ -53,3 +53,14 @@ async def test_payments_feed_fraud_counters_and_model_gauges(harness: base.Harne
     text = harness.runtime.metrics.exposition().decode()
     assert 'borderflow_fraud_model_info{model_version="' in text
     assert "borderflow_fraud_labels_applied{" in text
+
+
+async def test_duplicates_are_counted_per_topic(harness: base.Harness) -> None:
+    first = base.click("d1", base.T0, item_id="item1")
+    await process_clicks(harness.runtime, [harness.event("clicks", first)])
+    # The same event again at a new offset (a producer retry): dropped and counted.
+    await process_clicks(harness.runtime, [harness.event("clicks", first)])
+    await harness.settle()
+    text = harness.runtime.metrics.exposition().decode()
+    assert 'borderflow_duplicate_events_total{topic="clicks"} 1.0' in text
+    assert 'borderflow_duplicate_events_total{topic="payments"} 0.0' in text

@@ -31,6 +31,7 @@ from streams.agents.clicks import process_clicks
 from streams.agents.fraud_labels import process_labels
 from streams.agents.logistics import process_scans
 from streams.agents.payments import process_payments
+from streams.agents.repeats import duplicates
 from streams.runtime import Runtime
 from streams.topology import build_topology
 
@@ -207,6 +208,12 @@ class Harness:
             key = str(value.get("user_id", "")).encode()
         message = FakeMessage(self.settings.topic(topic), partition, offset, key, T0 / 1000)
         return FakeEvent(raw, message)
+
+    def replay(self, event: FakeEvent) -> FakeEvent:
+        """The same message read again (after a crash): same bytes, same position."""
+        old = event.message
+        message = FakeMessage(old.topic, old.partition, old.offset, old.key, old.timestamp)
+        return FakeEvent(event.value, message)
 
     async def settle(self) -> None:
         """Run the writer's callbacks, then let the loop run what they scheduled."""
@@ -442,7 +449,8 @@ async def test_each_click_is_scored_against_the_recs_served_before_it(harness: H
     miss = click("me", T0 + 3 * MINUTE, item_id="never-recommended")
     search = click("me", T0 + 4 * MINUTE, type="search", item_id=None, query="x")
     # One batch: both clicks are scored against what the storefront showed before the batch.
-    await process_clicks(harness.runtime, [harness.event("clicks", v) for v in (hit, miss, search)])
+    batch = [harness.event("clicks", v) for v in (hit, miss, search)]
+    await process_clicks(harness.runtime, batch)
     rows = harness.writer.table("rec_predictions")
     assert [(r["event_id"], r["hit_rank"]) for r in rows] == [
         (hit["event_id"], 1),
@@ -453,15 +461,16 @@ async def test_each_click_is_scored_against_the_recs_served_before_it(harness: H
     assert rows[1]["recs_age_ms"] == 2 * MINUTE
     assert (rows[0]["click_type"], rows[0]["country"], rows[0]["personalised"]) == ("view", "DE", 1)
 
-    # Redelivered after a crash: the profile has applied it, and rebuilds the same row from
-    # what it remembers, in case ClickHouse never got it...
+    # Replayed after a crash (same position): the profile has applied it, and rebuilds the
+    # same row from what it remembers, in case ClickHouse never got it...
     harness.writer.rows.clear()
-    await process_clicks(harness.runtime, [harness.event("clicks", hit)])
+    hit_event = next(e for e in batch if orjson.loads(cast(bytes, e.value)) == hit)
+    await process_clicks(harness.runtime, [harness.replay(hit_event)])
     [again] = harness.writer.table("rec_predictions")
-    assert again == rows[0] | {"src_next_offset": again["src_next_offset"]}
+    assert again == rows[0]
     # ... and writes nothing when ClickHouse's written position is past it.
     harness.writer.rows.clear()
-    redelivered = harness.event("clicks", hit)
+    redelivered = harness.replay(hit_event)
     harness.runtime.positions._known[("rec_predictions", 0)] = redelivered.message.offset + 1
     harness.runtime.positions._known[("click_events", 0)] = redelivered.message.offset + 1
     await process_clicks(harness.runtime, [redelivered])
@@ -616,7 +625,9 @@ async def test_a_journey_with_a_late_and_a_repeated_scan_ends_in_the_right_state
     )
     assert row["transit_days"] == pytest.approx(50 / 24, abs=1e-3)
     events = [r["event_id"] for r in harness.writer.table("shipment_events")]
-    assert len(events) == 7 and len(set(events)) == 6  # the repeat is a fact row again
+    # The repeated departure came at a new offset: a duplicate, neither a fact nor applied.
+    assert len(events) == len(set(events)) == 6
+    assert duplicates(harness.runtime) == Counter({"logistics": 1})
     assert harness.writer.table("shipment_predictions") == []  # nothing learned to predict with
     profile = UserProfile.from_bytes(harness.runtime.topology.user_profiles[b"u7"])
     assert (profile.deliveries, profile.open_shipments, profile.late_deliveries) == (1, 0, 0)
@@ -842,16 +853,44 @@ async def test_payments_become_fraud_score_rows_and_card_testing_alerts(harness:
     assert all(r["src_next_offset"] > 0 for r in scores)
 
 
-async def test_redelivered_payment_batch_scores_the_same(harness: Harness) -> None:
+async def test_replayed_payment_batch_scores_the_same(harness: Harness) -> None:
+    values = [payment("u1", T0 + i, amount=1.0, currency="USD") for i in range(7)]
+    events = [harness.event("payments", v) for v in values]
+    await process_payments(harness.runtime, events)
+    first = harness.writer.table("fraud_scores")
+    alerts = len(harness.alerts)
+    assert alerts == sum(r["is_alert"] for r in first) > 0
+    # Read again at the same offsets (after a crash): the same rows and alerts again, in case
+    # they never got out (the written positions drop rows ClickHouse has).
+    await process_payments(harness.runtime, [harness.replay(e) for e in events])
+    again = harness.writer.table("fraud_scores")[len(first) :]
+    assert again == [r | {"scored_at": a["scored_at"]} for r, a in zip(first, again, strict=True)]
+    assert len(harness.alerts) == 2 * alerts
+    assert len(harness.redis.alerts) == 2 * alerts
+    assert duplicates(harness.runtime) == Counter()
+
+
+async def test_duplicate_payments_write_and_send_nothing(harness: Harness) -> None:
     values = [payment("u1", T0 + i, amount=1.0, currency="USD") for i in range(7)]
     await process_payments(harness.runtime, [harness.event("payments", v) for v in values])
-    first = harness.writer.table("fraud_scores")
-    await process_payments(harness.runtime, [harness.event("payments", v) for v in values])
-    again = harness.writer.table("fraud_scores")[len(first) :]
-    assert [(r["txn_id"], r["score"], r["reasons"]) for r in again] == [
-        (r["txn_id"], r["score"], r["reasons"]) for r in first
-    ]
-    assert len(harness.alerts) == 2 * sum(r["is_alert"] for r in first)
+    rows = len(harness.writer.table("fraud_scores"))
+    alerts, published = len(harness.alerts), len(harness.redis.alerts)
+    engine = harness.runtime.fraud_engines[0]
+    stats = engine.stats()
+    # The same payments sent again (a producer retry): new offsets, and twice in one message.
+    retried = [harness.event("payments", v) for v in values]
+    retried.append(harness.event("payments", [values[0], values[0]]))
+    assert await process_payments(harness.runtime, retried) == 9
+    assert len(harness.writer.table("fraud_scores")) == rows
+    assert (len(harness.alerts), len(harness.redis.alerts)) == (alerts, published)
+    assert engine.stats() == stats
+    assert duplicates(harness.runtime) == Counter({"payments": 9})
+    assert harness.redis.processed["payments"] == 7 + 9  # processed, just not written
+    # A new payment in the same message as a duplicate is scored and written.
+    fresh = payment("u1", T0 + 100)
+    await process_payments(harness.runtime, [harness.event("payments", [values[1], fresh])])
+    assert [r["txn_id"] for r in harness.writer.table("fraud_scores")[rows:]] == [fresh["event_id"]]
+    assert duplicates(harness.runtime)["payments"] == 10
 
 
 # -- labels ---------------------------------------------------------------------------------------
@@ -903,9 +942,7 @@ async def test_labels_are_stored_and_queued_in_their_partitions_engine(harness: 
     assert set(harness.redis.checkpoints) == {(harness.runtime.settings.app_id, p) for p in (2, 3)}
     assert all(e.message.refcount == 0 and len(e.message.acks) == 2 for e in events)
     # Each checkpoint also files the engine's state in model_metrics (online run).
-    metrics = {
-        (row["model"], row["metric"]): row for row in harness.writer.table("model_metrics")
-    }
+    metrics = {(row["model"], row["metric"]): row for row in harness.writer.table("model_metrics")}
     applied = metrics[("fraud-p2", "labels_applied")]
     assert applied["value"] == 1.0 and applied["run_id"] == f"online:{harness.settings.app_id}"
     assert str(applied["day"]) == "2026-01-01"
@@ -948,6 +985,179 @@ async def test_scans_become_shipment_rows(harness: Harness) -> None:
     [record] = harness.deadletters
     assert record["error"].startswith("status:")
     assert harness.redis.processed["logistics"] == 2
+
+
+# -- repeated events: replays (same position) and duplicates (new position) ----------------------
+
+
+def rows_without(rows: list[dict[str, Any]], *columns: str) -> list[dict[str, Any]]:
+    return [{k: v for k, v in row.items() if k not in columns} for row in rows]
+
+
+async def test_a_duplicate_click_writes_nothing_and_serves_nobody(harness: Harness) -> None:
+    others = []
+    for i in range(4):  # others: phone -> case, so "me" gets recs
+        others.append(harness.event("clicks", click(f"o{i}", T0, item_id="phone")))
+        others.append(harness.event("clicks", click(f"o{i}", T0 + 1, item_id="case")))
+    await process_clicks(harness.runtime, others)
+    first = click("me", T0 + MINUTE, item_id="phone")
+    await process_clicks(harness.runtime, [harness.event("clicks", first)])
+    hit = click("me", T0 + 2 * MINUTE, item_id="case")  # scored: a rec_predictions row
+    await process_clicks(harness.runtime, [harness.event("clicks", hit)])
+    stored = harness.runtime.topology.user_profiles[b"me"]
+    rows = {table: list(table_rows) for table, table_rows in harness.writer.rows.items()}
+    writes, table_writes = len(harness.redis.state_writes), Counter(harness.table_writes)
+    harness.redis.popular_lists.clear()
+
+    # Sent again (a tracker retry): new offsets, once alone and twice in one message.
+    await process_clicks(harness.runtime, [harness.event("clicks", hit)])
+    await process_clicks(harness.runtime, [harness.event("clicks", [first, first])])
+    assert harness.writer.rows == rows  # no fact row: the rollups count each click once
+    assert harness.redis.state_writes[writes:] == [[], []]  # no recs served again
+    assert harness.table_writes == table_writes
+    assert harness.runtime.topology.user_profiles[b"me"] == stored  # served_recs unchanged
+    assert harness.redis.popular_lists == {}
+    assert duplicates(harness.runtime) == Counter({"clicks": 3})
+    assert harness.redis.processed["clicks"] == 8 + 2 + 3  # processed, just not written
+
+    # A batch with a new click and a duplicate of the same user serves the user once.
+    later = click("me", T0 + 3 * MINUTE, item_id="phone")
+    await process_clicks(
+        harness.runtime, [harness.event("clicks", hit), harness.event("clicks", later)]
+    )
+    [state] = harness.redis.state_writes[-1]
+    assert (state.user_id, state.event_id, state.profile["events"]) == ("me", later["event_id"], 3)
+    assert [r["event_id"] for r in harness.writer.table("click_events")][-1] == later["event_id"]
+    assert len(harness.writer.table("click_events")) == len(rows["click_events"]) + 1
+    assert duplicates(harness.runtime) == Counter({"clicks": 4})
+
+
+async def test_a_replayed_click_rebuilds_its_rows_and_serves_its_user(harness: Harness) -> None:
+    others = []
+    for i in range(4):
+        others.append(harness.event("clicks", click(f"o{i}", T0, item_id="phone")))
+        others.append(harness.event("clicks", click(f"o{i}", T0 + 1, item_id="case")))
+    await process_clicks(harness.runtime, others)
+    await process_clicks(harness.runtime, [harness.event("clicks", click("me", T0 + MINUTE))])
+    hit = harness.event("clicks", click("me", T0 + 2 * MINUTE, item_id="case"))
+    purchase = click("me", T0 + 3 * MINUTE, type="purchase", item_id="x", price=9.0, currency="EUR")
+    batch = [hit, harness.event("clicks", purchase)]
+    await process_clicks(harness.runtime, batch)
+    written = {t: harness.writer.table(t) for t in ("click_events", "rec_predictions")}
+    [served] = harness.redis.state_writes[-1]
+    assert [r["hit_rank"] for r in written["rec_predictions"]] == [1, 0]
+
+    # A crash before the rows were stored and before Redis had the state: the profile (from
+    # the changelog) has applied both clicks; they are read again at the same offsets.
+    harness.writer.rows.clear()
+    await process_clicks(harness.runtime, [harness.replay(e) for e in batch])
+    for table, before in written.items():
+        again = harness.writer.table(table)
+        assert rows_without(again, "ingested_at") == rows_without(
+            before[-len(again) :], "ingested_at"
+        )
+    assert len(harness.writer.table("click_events")) == 2
+    [state] = harness.redis.state_writes[-1]  # Redis gets the user's state again
+    assert (state.user_id, state.event_id, state.profile) == ("me", served.event_id, served.profile)
+    assert duplicates(harness.runtime) == Counter()
+    # A profile stored before positions were kept: its clicks' positions are unknown, and a
+    # repeat is rebuilt as a replay (what every repeat got before).
+    profile = UserProfile.from_bytes(harness.runtime.topology.user_profiles[b"me"])
+    old = orjson.loads(profile.to_bytes())
+    del old["recent_event_positions"]
+    harness.runtime.topology.user_profiles[b"me"] = orjson.dumps(old)
+    harness.writer.rows.clear()
+    await process_clicks(harness.runtime, [harness.event("clicks", purchase)])
+    assert [r["event_id"] for r in harness.writer.table("click_events")] == [purchase["event_id"]]
+    assert duplicates(harness.runtime) == Counter()
+
+
+async def test_label_duplicates_replays_and_relabels(harness: Harness) -> None:
+    paid = payment("u1", T0)
+    await process_payments(harness.runtime, [harness.event("payments", paid, partition=2)])
+    label = {
+        "event_id": "l1",
+        "ts": T0 + MINUTE,
+        "user_id": "u1",
+        "txn_id": paid["event_id"],
+        "label": "fraud",
+    }
+    original = harness.event("fraud-labels", label, partition=2)
+    await process_labels(harness.runtime, [original])
+    [row] = harness.writer.table("fraud_label_events")
+    engine = harness.runtime.fraud_engines[2]
+    assert engine.pending_labels == 1
+
+    # The same label event at a new offset, alone and twice in one message: nothing.
+    assert (
+        await process_labels(
+            harness.runtime,
+            [
+                harness.event("fraud-labels", label, partition=2),
+                harness.event("fraud-labels", [label, label], partition=2),
+            ],
+        )
+        == 3
+    )
+    assert harness.writer.table("fraud_label_events") == [row]
+    assert engine.pending_labels == 1
+    assert duplicates(harness.runtime) == Counter({"fraud-labels": 3})
+    assert harness.runtime.label_offsets[2] == 2  # still read: the label stream is caught up
+
+    # Read again at its offset (after a crash): its row is rebuilt, it is not queued twice.
+    await process_labels(harness.runtime, [harness.replay(original)])
+    rows = harness.writer.table("fraud_label_events")
+    assert rows_without(rows, "ingested_at") == rows_without([row, row], "ingested_at")
+    assert engine.pending_labels == 1
+
+    # A relabel of the transaction is a new event: written, queued, learned once.
+    relabel = label | {"event_id": "l2", "ts": T0 + 2 * MINUTE, "label": "legit"}
+    await process_labels(harness.runtime, [harness.event("fraud-labels", relabel, partition=2)])
+    assert [r["event_id"] for r in harness.writer.table("fraud_label_events")] == ["l1"] * 2 + [
+        "l2"
+    ]
+    assert engine.pending_labels == 2
+    later = payment("u1", T0 + 3 * MINUTE + HOUR_MS)
+    await process_payments(harness.runtime, [harness.event("payments", later, partition=2)])
+    assert (engine.labels_applied, engine.labels_duplicate) == (1, 1)
+    assert duplicates(harness.runtime) == Counter({"fraud-labels": 3})
+
+
+async def test_scan_duplicates_and_replays(harness: Harness) -> None:
+    views: list[str] = []
+    write_shipments = harness.redis.write_shipments
+
+    async def recording(shipments: Iterable[Mapping[str, Any]], *, ttl_s: int = 0) -> list[int]:
+        shipments = list(shipments)
+        views.extend(str(s["order_id"]) for s in shipments)
+        return await write_shipments(shipments, ttl_s=ttl_s)
+
+    cast(Any, harness.redis).write_shipments = recording
+    created = harness.event("logistics", scan("u1", "o1", "created", T0))
+    delivered = harness.event("logistics", scan("u1", "o1", "delivered", T0 + 86_400_000))
+    await process_scans(harness.runtime, [created, delivered])
+    tables = ("shipment_events", "shipments")
+    written = {t: harness.writer.table(t) for t in tables}
+    assert [len(rows) for rows in written.values()] == [2, 1] and views == ["o1"]
+    profile = harness.runtime.topology.user_profiles[b"u1"]
+
+    # Both scans sent again at new offsets: no row, no view, no profile change.
+    views.clear()
+    again = [harness.event("logistics", cast(bytes, e.value)) for e in (created, delivered)]
+    assert await process_scans(harness.runtime, again) == 2
+    assert {t: harness.writer.table(t) for t in tables} == written
+    assert views == [] and harness.runtime.topology.user_profiles[b"u1"] == profile
+    assert duplicates(harness.runtime) == Counter({"logistics": 2})
+
+    # Read again at their offsets (after a crash): the rows and the view are rebuilt.
+    harness.writer.rows.clear()
+    await process_scans(harness.runtime, [harness.replay(e) for e in (created, delivered)])
+    for table, before in written.items():
+        rebuilt = harness.writer.table(table)
+        assert rows_without(rebuilt, "ingested_at") == rows_without(before, "ingested_at")
+    assert views == ["o1"]
+    assert harness.runtime.topology.user_profiles[b"u1"] == profile  # applied once
+    assert duplicates(harness.runtime) == Counter({"logistics": 2})
 
 
 # -- with the real writer thread ------------------------------------------------------------------

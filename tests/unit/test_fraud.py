@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import pickle
 import random
 
 import pytest
 
-from models.fraud import HOUR_MS, FraudEngine, FraudModel, PaymentFeatures
+from models.fraud import HOUR_MS, FraudEngine, FraudModel, LabelRepeat, PaymentFeatures
 from models.fraud_features import unpack
 from schemas.events import FraudLabelEvent, PaymentEvent
 
@@ -222,9 +223,57 @@ def test_second_label_for_the_same_transaction_is_not_learned_twice() -> None:
     engine = FraudEngine(label_apply_delay_ms=0)
     p1 = pay(ts=T0)
     engine.score([p1])
-    engine.add_labels([label_for(p1, "fraud", T0 + 1), label_for(p1, "fraud", T0 + 2)])
+    relabel = label_for(p1, "fraud", T0 + 2).model_copy(update={"event_id": "relabel"})
+    assert engine.add_labels([label_for(p1, "fraud", T0 + 1), relabel]) == [None, None]
     engine.score([pay(ts=T0 + 3)])
     assert (engine.labels_applied, engine.labels_duplicate, engine.labels_unknown) == (1, 1, 0)
+
+
+def test_a_label_event_received_again_is_not_queued_again() -> None:
+    engine = FraudEngine(label_apply_delay_ms=HOUR_MS)
+    p1 = pay(ts=T0)
+    engine.score([p1])
+    first = label_for(p1, "fraud", T0 + 1)
+    assert engine.add_labels([first], [7]) == [None]
+    # Where it was first received, so the agent can tell a replay (7) from a duplicate.
+    assert engine.add_labels([first, first], [7, 9]) == [LabelRepeat(7), LabelRepeat(7)]
+    assert engine.pending_labels == 1
+    # Remembered across a checkpoint, with the offsets of the payments' first scores.
+    restored = FraudEngine.from_checkpoint(engine.to_checkpoint())
+    assert restored.add_labels([first]) == [LabelRepeat(7)]
+    engine.score([pay(ts=T0 + 2 * HOUR_MS)])
+    assert (engine.labels_applied, engine.labels_duplicate) == (1, 0)
+
+
+def test_a_payment_scored_again_says_where_it_was_first_scored() -> None:
+    engine = FraudEngine()
+    p1, p2 = pay(ts=T0), pay(ts=T0 + 1)
+    first = engine.score([p1, p2], [3, 4])
+    assert [(s.repeat, s.first_offset) for s in first] == [(False, None), (False, None)]
+    again = engine.score([p2, p1], [9, 3])
+    assert [(s.repeat, s.first_offset) for s in again] == [(True, 4), (True, 3)]
+    assert [s.score for s in again] == [first[1].score, first[0].score]
+    # Scored without an offset: a repeat, first seen nobody knows where.
+    p3 = pay(ts=T0 + 2)
+    engine.score([p3])
+    assert [(s.repeat, s.first_offset) for s in engine.score([p3], [11])] == [(True, None)]
+
+
+def test_an_engine_image_from_before_offsets_still_loads() -> None:
+    engine = FraudEngine()
+    p1 = pay(ts=T0)
+    engine.score([p1], [5])
+    snapshot = engine.snapshots[p1.event_id]
+    # What pickle stores for a snapshot (its slots), as an older version wrote it.
+    _, slots = snapshot.__reduce_ex__(pickle.HIGHEST_PROTOCOL)[2]
+    old = object.__new__(type(snapshot))
+    old.__setstate__((None, {k: v for k, v in slots.items() if k != "offset"}))
+    assert (old.offset, old.score, old.learned) == (None, snapshot.score, False)
+    engine.snapshots[p1.event_id] = old
+    del engine.label_events  # not in older images either
+    restored = pickle.loads(engine.pickle())
+    assert restored.label_events == {} and restored.snapshots[p1.event_id].offset is None
+    assert [(s.repeat, s.first_offset) for s in restored.score([p1], [5])] == [(True, None)]
 
 
 def test_labels_complete_for() -> None:

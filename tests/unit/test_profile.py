@@ -9,6 +9,7 @@ from models.fx import to_usd
 from models.profile import (
     AFFINITY_HALF_LIFE_MS,
     MAX_CATEGORIES,
+    RECENT_EVENT_IDS,
     RECENT_PURCHASES,
     SESSION_GAP_MS,
     SESSION_ITEMS,
@@ -108,6 +109,44 @@ def test_redelivered_event_survives_a_round_trip_through_bytes() -> None:
     profile = UserProfile.from_bytes(profile_from(event).to_bytes())
     assert apply_click(profile, event) is False
     assert profile.purchases == 1
+
+
+def test_each_remembered_event_keeps_the_position_it_was_applied_at() -> None:
+    profile = UserProfile.new("u1")
+    first, second, third = click(T0), click(T0 + 1), click(T0 + 2)
+    apply_click(profile, first, (3, 17))
+    apply_click(profile, second)  # no position known
+    apply_click(profile, third, (3, 19))
+    profile = UserProfile.from_bytes(profile.to_bytes())
+    assert profile.position_of(first.event_id) == (3, 17)
+    assert profile.position_of(second.event_id) is None
+    assert profile.position_of(third.event_id) == (3, 19)
+    assert profile.position_of("never-seen") is None
+    assert apply_click(profile, first, (3, 40)) is False
+    assert profile.position_of(first.event_id) == (3, 17)  # the first position stays
+
+
+def test_a_profile_stored_before_positions_were_kept_still_loads() -> None:
+    old = profile_from(*(click(T0 + i * MINUTE) for i in range(RECENT_EVENT_IDS)))
+    stored = orjson.loads(old.to_bytes())
+    del stored["recent_event_positions"]
+    profile = UserProfile.from_bytes(orjson.dumps(stored))
+    old_ids = list(profile.recent_event_ids)
+    assert [profile.position_of(i) for i in old_ids] == [None] * RECENT_EVENT_IDS
+    # New clicks get positions; the old ids keep none, until they are forgotten.
+    news = [click(T0 + (100 + i) * MINUTE) for i in range(RECENT_EVENT_IDS + 1)]
+    for offset, event in enumerate(news[:3]):
+        apply_click(profile, event, (0, offset))
+    assert [profile.position_of(e.event_id) for e in news[:3]] == [(0, 0), (0, 1), (0, 2)]
+    assert profile.position_of(old_ids[-1]) is None
+    assert old_ids[0] not in profile.recent_event_ids
+    for offset, event in enumerate(news[3:], start=3):
+        apply_click(profile, event, (0, offset))
+    assert len(profile.recent_event_ids) == len(profile.recent_event_positions)
+    assert len(profile.recent_event_ids) == RECENT_EVENT_IDS
+    assert [profile.position_of(e.event_id) for e in news[1:]] == [
+        (0, offset) for offset in range(1, RECENT_EVENT_IDS + 1)
+    ]
 
 
 # -- sessions -------------------------------------------------------------------------------------

@@ -105,6 +105,28 @@ def test_duplicate_scan_is_harmless() -> None:
     assert shipment.status == "picked"
 
 
+def test_a_held_scan_reports_where_it_was_applied() -> None:
+    book = ShipmentBook("u1")
+    book.apply(scan("a", "created", 0), (2, 40))
+    book.apply(scan("b", "picked", 10), (2, 41))
+    book.apply(scan("c", "departed", 20))  # no position known
+    # The agent tells a replay (same position) from a duplicate (another one) by seen_at.
+    again = ShipmentBook.from_bytes(book.to_bytes())
+    assert again.apply(scan("a", "created", 0), (2, 99))[1].seen_at == (2, 40)
+    assert again.apply(scan("b", "picked", 10), (2, 41))[1].seen_at == (2, 41)
+    assert again.apply(scan("c", "departed", 20), (2, 42))[1].seen_at is None
+    # A book stored before positions were kept: its scans' positions are unknown.
+    data = orjson.loads(book.to_bytes())
+    for row in data["open"][0]["scans"]:
+        del row[3:]
+    old = ShipmentBook.from_bytes(orjson.dumps(data))
+    shipment, outcome = old.apply(scan("a", "created", 0), (2, 40))
+    assert not outcome.applied and outcome.seen_at is None
+    shipment, outcome = old.apply(scan("d", "delivered", 30), (2, 43))
+    assert outcome.applied and outcome.completed_now and shipment.status == "delivered"
+    assert [row[2:] for row in shipment.scans] == [["a"], ["b"], ["c"], ["d", 2, 43]]
+
+
 def test_invalid_transition_is_counted_and_reported_never_fatal() -> None:
     book = ShipmentBook("u1")
     for i, status in enumerate(("created", "picked", "departed", "delivered")):
