@@ -47,8 +47,10 @@ PACED_LINGER_MS = 1
 
 TOPICS = list(ALL_TOPICS)
 
-#: A tracker flushes a user's buffered events at least this often (event time).
-TRACKER_FLUSH_MS = 2_000
+#: A tracker flushes a user's buffered events at least this often (event time): 10 s is the
+#: flush interval of Segment's analytics.js and RudderStack's SDKs (both also flush at 20
+#: events, hence ``--events-per-message 20`` for that workload).
+TRACKER_FLUSH_MS = 10_000
 
 
 @dataclass(frozen=True)
