@@ -25,11 +25,18 @@ reason instead of crashing the stream.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any, cast
 
 import faust
 from aiokafka.partitioner import murmur2
+from faust.tables import TableManager
+from faust.tables.recovery import Recovery
+from faust.transport.consumer import RecordMap
+from faust.transport.drivers import aiokafka as kafka_driver
+from faust.types import TP
+from faust.types.transports import TransportT
 from mode.utils.text import want_bytes
 
 from schemas.config import Settings
@@ -82,7 +89,7 @@ def build_app(settings: Settings) -> faust.App:
             ),
             mechanism=settings.kafka_sasl_mechanism,
         )
-    return faust.App(
+    return BorderflowApp(
         settings.app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         broker_credentials=credentials,
@@ -105,8 +112,12 @@ def build_app(settings: Settings) -> faust.App:
         # owner processes them again, and every sink and model absorbs the repeat.
         stream_wait_empty=False,
         producer_linger=0.005,
+        # web_bind is the listening address; web_host only names the worker in its URL.
+        web_bind=settings.worker_web_host,
         web_host=settings.worker_web_host,
         web_port=settings.worker_web_port,
+        # Stream partitions resume only after the seek and the queue reset (see the class).
+        TableManager=SeekFirstTableManager,
     )
 
 
@@ -159,3 +170,98 @@ class UserPartitionedTable(faust.Table):
 
     def partition_for_key(self, key: Any) -> int:
         return (murmur2(want_bytes(key)) & 0x7FFFFFFF) % int(self.partitions or 1)
+
+
+class SeekFirstRecovery(Recovery):
+    """Faust's recovery, except that stream partitions resume only once the queues are reset.
+
+    When table recovery ends, Faust 0.15.3 (and its master, faust-streaming issue #596)
+    resumes fetching from the stream partitions, *then* seeks them to their committed offsets
+    and only then calls ``flow_control.resume()``, which empties every agent's channel queue.
+    Whatever the running fetcher delivered in between is thrown away although the consumer's
+    position is already past it: those offsets are never processed nor acked. Faust then
+    never commits past the hole, and the partition's later events still write their rows, so
+    ClickHouse holds a partition's offsets with a gap below its written position, which
+    every later owner skips (``streams/facts.py``). Seen as a worker that stops committing
+    and facts that never complete after a restart. Here the stream partitions stay paused
+    until the seek is done and the queues are emptied; the rest is Faust's code unchanged.
+    """
+
+    async def on_recovery_completed(self, generation_id: int = 0) -> None:
+        app = cast(Any, self.app)
+        consumer = app.consumer
+        self.log.info("Restore complete!")
+        await app.on_rebalance_complete.send()
+        self._set_recovery_ended()
+        tables = [
+            asyncio.ensure_future(
+                table.on_recovery_completed(
+                    self.actives_for_table[table], self.standbys_for_table[table]
+                )
+            )
+            for table in self.tables.values()
+        ]
+        if tables:
+            await asyncio.wait(tables)
+        assignment = consumer.assignment()
+        if app.consumer_generation_id != generation_id:
+            self.log.warning(
+                f"Recovery rebalancing again app id {app.consumer_generation_id} "
+                f"param {generation_id}"
+            )
+            return
+        if assignment:
+            self.log.info("Seek stream partitions to committed offsets.")
+            await self._wait(consumer.perform_seek(), timeout=app.conf.broker_request_timeout)
+        self.completed.set()
+        app.flow_control.resume()  # empties every channel queue
+        consumer.resume_flow()
+        consumer.resume_partitions({tp for tp in assignment if not self._is_changelog_tp(tp)})
+        await app._fetcher.maybe_start()
+        self.tables.on_actives_ready()
+        if not app.assignor.assigned_standbys():
+            self.tables.on_standbys_ready()
+        app.on_rebalance_end()
+        self.log.info("Worker ready")
+
+
+class SeekFirstTableManager(TableManager):
+    """Faust's table manager with :class:`SeekFirstRecovery`."""
+
+    @property
+    def recovery(self) -> Recovery:
+        if self._recovery is None:
+            self._recovery = SeekFirstRecovery(self.app, self, beacon=self.beacon, loop=self.loop)
+        return self._recovery
+
+
+class SnapshotConsumer(kafka_driver.Consumer):
+    """Faust's aiokafka consumer, asking for records of a *copy* of its active partitions.
+
+    Faust hands its live set of active (unpaused) partitions to the consumer thread, and
+    aiokafka's ``fetched_records`` returns the buffered records of *every* partition when that
+    set is empty. aiokafka keeps prefetching partitions Faust has paused (Faust pauses only in
+    its own set), so when recovery pauses the changelog partitions while a fetch is served
+    (the set just became empty), aiokafka hands over the prefetched records of the still
+    paused input partitions; Faust drops them as inactive, but aiokafka's position has moved
+    past them: never processed, never acked. Seen after a restart as a worker that processes
+    nothing (offsets uncommitted) or stops committing.
+    """
+
+    async def _getmany(self, active_partitions: set[TP] | None, timeout: float) -> RecordMap:
+        if active_partitions is not None:
+            active_partitions = set(active_partitions)
+            if not active_partitions:
+                return {}
+        return await super()._getmany(active_partitions=active_partitions, timeout=timeout)
+
+
+class SnapshotTransport(kafka_driver.Transport):
+    Consumer = SnapshotConsumer
+
+
+class BorderflowApp(faust.App):
+    """A Faust app on :class:`SnapshotTransport` (borderflow's broker is always ``kafka://``)."""
+
+    def _new_transport(self) -> TransportT:
+        return SnapshotTransport(self.conf.broker_consumer, self)

@@ -1,0 +1,13 @@
+"""Worker app settings that come from borderflow's own settings."""
+
+from __future__ import annotations
+
+from schemas.config import Settings
+from streams.topology import build_app
+
+
+def test_web_server_listens_where_the_settings_say() -> None:
+    # Faust listens on web_bind (default 0.0.0.0); web_host only names the worker.
+    assert build_app(Settings()).conf.web_bind == "127.0.0.1"
+    container = build_app(Settings(worker_web_host="0.0.0.0", worker_web_port=16070)).conf
+    assert (container.web_bind, container.web_port) == ("0.0.0.0", 16070)
