@@ -21,7 +21,7 @@ from schemas.config import Settings
 from schemas.errors import BorderflowError
 
 if TYPE_CHECKING:
-    import faust
+    pass
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -92,22 +92,7 @@ def worker(settings: Settings, pipeline: str | None, web_port: int | None, logle
     settings = settings.model_copy(update=updates)
     ensure_topics(settings, list(ALL_TOPICS))
     app, _ = create_worker_app(settings)
-    apply_broker_credentials(app, settings)
     Worker(app, loglevel=loglevel, redirect_stdouts=False).execute_from_commandline()
-
-
-def apply_broker_credentials(app: faust.App, settings: Settings) -> faust.App:
-    """Give the worker's app the Kafka SASL and/or TLS credentials of ``settings``.
-
-    The same settings as confluent-kafka's (``Settings.confluent_config``; docs/security.md).
-    ``streams.topology.build_app`` passes SASL without TLS only; Faust reads the credentials
-    when the worker creates its consumer and producer, so setting them before the start is
-    enough. Nothing changes for PLAINTEXT.
-    """
-    credentials = settings.faust_broker_credentials()
-    if credentials is not None:
-        app.conf.broker_credentials = credentials
-    return app
 
 
 def _free_port() -> int:

@@ -78,21 +78,11 @@ class Topology:
 
 def build_app(settings: Settings) -> faust.App:
     """A Faust app configured for at-least-once processing against ``settings``' broker."""
-    credentials = None
-    if settings.kafka_sasl_mechanism:
-        credentials = faust.SASLCredentials(
-            username=settings.kafka_sasl_username or "",
-            password=(
-                settings.kafka_sasl_password.get_secret_value()
-                if settings.kafka_sasl_password
-                else ""
-            ),
-            mechanism=settings.kafka_sasl_mechanism,
-        )
     return BorderflowApp(
         settings.app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
-        broker_credentials=credentials,
+        # SASL and/or TLS, the same settings confluent-kafka gets (docs/security.md).
+        broker_credentials=settings.faust_broker_credentials(),
         store=settings.store,
         # exactly_once needs idempotent aiokafka producers, which Tansu rejects; sinks are
         # idempotent instead (see docs/architecture.md).

@@ -18,7 +18,7 @@ from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from faust.types.auth import AuthProtocol, SASLMechanism
 from pydantic import SecretStr, ValidationError
 
-from infra.cli import apply_broker_credentials, cli
+from infra.cli import cli
 from schemas.config import Settings
 from sinks.storefront_client import StorefrontClient
 from streams.topology import build_app
@@ -107,7 +107,7 @@ def test_sasl_reaches_faust_and_confluent_kafka(mechanism: str) -> None:
         "ssl_context": None,
     }
     # The worker's app carries them, and Faust's repr of them names the user only.
-    app = apply_broker_credentials(build_app(settings), settings)
+    app = build_app(settings)
     assert credentials_to_aiokafka_auth(app.conf.broker_credentials) == aiokafka
     assert SECRETS["kafka_sasl_password"] not in repr(app.conf.broker_credentials)
 
@@ -130,7 +130,7 @@ def test_sasl_ssl_with_mutual_tls_reaches_both_clients(tls_files: dict[str, Path
     assert confluent["ssl.key.password"] == KEY_PASSWORD
     assert confluent["ssl.endpoint.identification.algorithm"] == "none"
 
-    app = apply_broker_credentials(build_app(settings), settings)
+    app = build_app(settings)
     credentials = app.conf.broker_credentials
     assert isinstance(credentials, faust.SASLCredentials)
     assert credentials.protocol is AuthProtocol.SASL_SSL
