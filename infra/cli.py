@@ -194,6 +194,34 @@ def pseudonym(settings: Settings, ids: tuple[str, ...], kind: str) -> None:
         )
 
 
+@cli.command()
+@click.argument("user_id")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the receipt of the worker that owns the user.",
+)
+@click.option("--dry-run", is_flag=True, help="Only count what would be removed; send nothing.")
+@click.pass_obj
+def forget(settings: Settings, user_id: str, wait_s: float, dry_run: bool) -> None:
+    """Erase one user from Redis, the workers' state and ClickHouse, and list what went.
+
+    The workers' part travels as a request on the privacy-requests topic; without a running
+    worker it stays pending there (exit code 3) and is applied when the owning worker starts.
+    Raw events stay in the Kafka input topics until their retention (docs/privacy.md).
+    """
+    from infra.privacy import EXIT_PENDING, run_forget
+
+    report = run_forget(settings, user_id, wait_s=wait_s, dry_run=dry_run)
+    for line in report.lines():
+        click.echo(line)
+    if report.pending:
+        raise click.exceptions.Exit(EXIT_PENDING)
+
+
 def _register_optional_commands() -> None:
     """Sub-commands that live next to the code they drive."""
     from infra.alerts import alerts_cli

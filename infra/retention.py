@@ -90,7 +90,7 @@ def run_retention(settings: Settings, cutoff: date, *, dry_run: bool) -> list[Re
             if not dry_run:
                 for action in actions:
                     client.execute(action.sql)
-                _wait_for_mutations(client, database)
+                wait_for_mutations(client, database)
         finally:
             client.disconnect()
     except BorderflowError:
@@ -100,8 +100,11 @@ def run_retention(settings: Settings, cutoff: date, *, dry_run: bool) -> list[Re
     return actions
 
 
-def _wait_for_mutations(client: Any, database: str, timeout_s: float = 60.0) -> None:
-    """Deletes are mutations, applied in the background: return once they are done."""
+def wait_for_mutations(
+    client: Any, database: str, timeout_s: float = 60.0, what: str = "retention deletes"
+) -> None:
+    """Deletes are mutations, applied in the background: return once they are done (also
+    used by ``borderflow forget``)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         [(pending,)] = client.execute(
@@ -111,7 +114,7 @@ def _wait_for_mutations(client: Any, database: str, timeout_s: float = 60.0) -> 
         if not pending:
             return
         time.sleep(0.2)
-    raise BorderflowError(f"retention deletes still running after {timeout_s:.0f} s")
+    raise BorderflowError(f"{what} still running after {timeout_s:.0f} s")
 
 
 @click.command("retention")

@@ -40,6 +40,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+import sys
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
@@ -291,10 +292,14 @@ class _Snapshot:
     #: Offset of the payment in the engine's payments partition when first scored (None:
     #: unknown, scored without one or restored from an image older than offsets).
     offset: int | None = None
+    #: The payment's user, so that :meth:`FraudEngine.forget_user` finds the user's
+    #: snapshots ("" in images from before it was kept).
+    user_id: str = ""
 
     def __setstate__(self, state: Any) -> None:
-        # Images from before ``offset`` existed lack it: unknown.
+        # Images from before ``offset`` / ``user_id`` existed lack them: unknown.
         self.offset = None
+        self.user_id = ""
         slots = state[1] if isinstance(state, tuple) else state
         for name, value in (slots or {}).items():
             setattr(self, name, value)
@@ -569,8 +574,9 @@ class FraudEngine(Checkpointable):
             score = self.model.score(x)
             self.features.update(payment)
             self.snapshots[payment.event_id] = _Snapshot(
-                payment.ts, payment.merchant_id, pack(x), score, offset=offset
-            )
+                payment.ts, payment.merchant_id, pack(x), score, offset=offset,
+                user_id=sys.intern(payment.user_id),  # one string per user, however many
+            )  # fmt: skip
             self._awaiting_label.append((payment.ts, payment.event_id))
             alert, threshold = self.policy.decide(score.score, payment.ts)
             scored.append(ScoredPayment(payment, amount_usd, score, alert, threshold))
@@ -585,6 +591,36 @@ class FraudEngine(Checkpointable):
                 break
             self.snapshots.popitem(last=False)
         self._expire_label_events()
+
+    def forget_user(self, user_id: str) -> dict[str, int]:
+        """Erase what this engine holds about one user (``borderflow forget``).
+
+        Removed: the user's velocity state and that of the cards and devices the user paid
+        with (:meth:`PaymentFeatures.forget_user`), the feature snapshots of the user's
+        payments (with their place in the label-timeout queue) and the user's queued labels.
+        What the model and the merchant statistics learned from them is aggregate and stays
+        (nothing in it names the user). Returns counts per kind.
+        """
+        removed = self.features.forget_user(user_id)
+        txn_ids = {txn for txn, snap in self.snapshots.items() if snap.user_id == user_id}
+        for txn_id in txn_ids:
+            del self.snapshots[txn_id]
+        if txn_ids:
+            self._awaiting_label = deque(
+                entry for entry in self._awaiting_label if entry[1] not in txn_ids
+            )
+        kept = [
+            pending
+            for pending in self._pending
+            if pending.label.user_id != user_id and pending.label.txn_id not in txn_ids
+        ]
+        removed_labels = len(self._pending) - len(kept)
+        if removed_labels:
+            heapq.heapify(kept)
+            self._pending = kept
+        removed["snapshots"] = len(txn_ids)
+        removed["pending_labels"] = removed_labels
+        return removed
 
     @property
     def pending_labels(self) -> int:

@@ -235,6 +235,21 @@ class PaymentFeatures:
             if token and len(seen) < SEEN_CAP:
                 seen.add(token)
 
+    def forget_user(self, user_id: str) -> dict[str, int]:
+        """Erase a user's state: their own velocity, and that of the cards and devices they
+        used (the user's ``seen`` set names them). Merchants and IP countries are shared by
+        many users and stay. Returns how many entries were removed, per kind."""
+        user = self.users.pop(user_id, None)
+        removed = {"users": int(user is not None), "cards": 0, "devices": 0}
+        if user is None:
+            return removed
+        for token in user.seen:
+            if token.startswith("c:"):
+                removed["cards"] += int(self.cards.pop(token[2:], None) is not None)
+            elif not token.startswith(("ip:", "m:")):  # a device id (stored without prefix)
+                removed["devices"] += int(self.devices.pop(token, None) is not None)
+        return removed
+
     def learn_label(self, merchant_id: str, is_fraud: bool, ts: int) -> None:
         labels = self.merchant_labels.get(merchant_id)
         if labels is None:

@@ -7,6 +7,10 @@ bought, and the user's delivery experience (``record_scan`` / ``record_delivery`
 logistics agent: average delivery days, late share), plus the recommendations last served
 (for online evaluation).
 
+Consent: while the newest click says ``personalisation=false``, the behavioural fields
+(:data:`BEHAVIOURAL_FIELDS`: taste, price band, devices, hours, dwell, session trail, purchase
+history, RFM) are neither collected nor kept; see ``docs/privacy.md``.
+
 ``apply_click`` is idempotent: each profile keeps the ids of its most recent events, so a
 redelivered event (at-least-once processing) is ignored instead of counted twice. With each id
 it keeps the Kafka position (partition, offset) the event was applied at, so the clicks agent
@@ -264,9 +268,6 @@ def apply_click(
         profile.first_ts = ts
     profile.first_ts = min(profile.first_ts, ts)
     profile.events += 1
-    if event.device:
-        profile.devices[event.device] = profile.devices.get(event.device, 0) + 1
-    profile.hours[(ts // 3_600_000) % 24] += 1
     if is_newest:
         profile.last_ts = ts
         profile.last_event_id = event.event_id
@@ -291,7 +292,15 @@ def apply_click(
             profile.dwell_samples += 1
     if event.session_id == profile.session_id:
         profile.session_events += 1
+    if not profile.personalisation:
+        # No consent to personalisation (the newest click says so): nothing behavioural is
+        # kept, and what was kept before the withdrawal goes now.
+        clear_behaviour(profile)
+        return True
 
+    if event.device:
+        profile.devices[event.device] = profile.devices.get(event.device, 0) + 1
+    profile.hours[(ts // 3_600_000) % 24] += 1
     kind = event.type
     if kind == "view":
         profile.views += 1
@@ -330,6 +339,28 @@ def apply_click(
         weight = {"view": 1.0, "add_to_cart": 3.0, "purchase": 5.0}.get(kind, 0.5)
         _bump_affinity(profile, event.category, weight, ts)
     return True
+
+
+def clear_behaviour(profile: UserProfile) -> None:
+    """Forget the behavioural fields (:data:`BEHAVIOURAL_FIELDS`): what a user without consent
+    to personalisation must not be profiled by. Kept: identity, freshness and event counts,
+    country/currency/language (which trending list and which language to serve), the
+    session's id and depth, the delivery experience (service data from the user's own
+    shipments), the consent flag itself, and the technical fields of exactly-once
+    processing (recent event ids and positions, the recs last served)."""
+    fresh = UserProfile.new(profile.user_id)
+    for name in BEHAVIOURAL_FIELDS:
+        setattr(profile, name, getattr(fresh, name))
+
+
+#: Profile fields that describe a user's behaviour and taste: collected only with consent to
+#: personalisation (``personalisation`` of the newest click), cleared when it is withdrawn.
+BEHAVIOURAL_FIELDS = (
+    "devices", "hours", "affinity", "views", "searches", "carts", "purchases", "monetary_usd",
+    "last_purchase_ts", "segment", "price_bands", "price_usd_sum", "price_samples",
+    "dwell_ms_total", "dwell_samples", "session_items", "session_purchases",
+    "recent_purchases",
+)  # fmt: skip
 
 
 def price_band_of(price_usd: float) -> str:

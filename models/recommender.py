@@ -150,13 +150,16 @@ class SessionRecommender:
         ts_ms: int,
         kind: str,
         session_id: str | None = None,
+        remember: bool = True,
     ) -> None:
         """Learn from one click on ``item_id`` after ``session_items`` (oldest first).
 
         ``session_id`` identifies the session in the neighbourhood memory; it should be unique
         per user session (e.g. ``f"{user_id}:{session_id}"``). Without it the session is
         recognised by its last items (``session_items``), which works as long as callers pass
-        the same items they later recommend for.
+        the same items they later recommend for. ``remember=False`` keeps the click out of the
+        session memory (a user without consent to personalisation): it still counts towards
+        the item's popularity and the links from ``session_items``.
         """
         if self._weight.needs_rebase(ts_ms):
             self._rescale(self._weight.rebase(ts_ms))
@@ -169,8 +172,9 @@ class SessionRecommender:
         if self._latest_ms is None or ts_ms > self._latest_ms:
             self._latest_ms = ts_ms
         if interest:
-            self._calibrate(session_items, item_id, session_id, weight)
-            self._remember(session_items, item_id, ts_ms, session_id)
+            if remember:
+                self._calibrate(session_items, item_id, session_id, weight)
+                self._remember(session_items, item_id, ts_ms, session_id)
             for key in (country or GLOBAL, GLOBAL) if country else (GLOBAL,):
                 counts = self.popularity.setdefault(key, {})
                 counts[item_id] = counts.get(item_id, 0.0) + weight * interest
@@ -225,6 +229,26 @@ class SessionRecommender:
         self._open[new_key] = sid
         if len(self._open) > self.max_sessions:
             del self._open[next(iter(self._open))]
+
+    def forget_sessions(self, key_prefix: str) -> int:
+        """Drop the sessions whose caller key starts with ``key_prefix`` (a user's sessions:
+        ``f"{user_id}:"``, see ``models.serving.session_key``) from the neighbourhood memory
+        and the calibration; returns how many sessions were dropped. What they taught the
+        item links and popularity is aggregate and stays."""
+        keys = [k for k in self._open if isinstance(k, str) and k.startswith(key_prefix)]
+        for key in keys:
+            sid = self._open.pop(key)
+            items = self.sessions.pop(sid, None) or []
+            self.session_ts.pop(sid, None)
+            for item_id in items:
+                ids = self.item_sessions.get(item_id)
+                if ids is not None and sid in ids:
+                    ids.remove(sid)
+                    if not ids:
+                        del self.item_sessions[item_id]
+        for key in [k for k in self._pending if isinstance(k, str) and k.startswith(key_prefix)]:
+            del self._pending[key]
+        return len(keys)
 
     def _index(self, sid: int, items: list[str], item_id: str) -> None:
         if item_id in items or len(items) >= self.session_length:

@@ -82,10 +82,17 @@ class ServingModels(Checkpointable):
         basket_before: Sequence[str],
         country: str | None,
         session_key: str | None = None,
+        personal: bool = True,
     ) -> None:
         """Learn one (newly applied) click; ``*_before`` are the user's session items and
         session purchases as they were before it; ``session_key`` names the session in the
-        recommender's neighbourhood memory (:func:`session_key`)."""
+        recommender's neighbourhood memory (:func:`session_key`).
+
+        ``personal=False`` (a user without consent to personalisation): the click counts for
+        the item alone (catalog, popularity); nothing links it to the user's session or
+        basket, and the recommender keeps no session of the user."""
+        if not personal:
+            session_before, basket_before, session_key = (), (), None
         item_id = click.item_id
         if not item_id or click.type == "remove_from_cart":
             return
@@ -104,9 +111,24 @@ class ServingModels(Checkpointable):
             ts_ms=click.ts,
             kind=click.type,
             session_id=session_key,
+            remember=personal,
         )
         if click.type == "purchase":
             self.fbt.observe_purchase(basket_before, item_id, ts_ms=click.ts)
+
+    def forget_user(self, user_id: str) -> dict[str, int]:
+        """Erase what these models hold about one user (``borderflow forget``): the user's
+        sessions in the recommender's neighbourhood memory (keyed ``{user_id}:...``) and the
+        user's shipments on the customs watch list. Counts per kind. Item links, popularity,
+        bought-together pairs, lanes, segment boundaries and the delivery-time model are
+        aggregates that name nobody, and stay."""
+        watched = [order for order, entry in self.customs_watch.items() if entry[0] == user_id]
+        for order_id in watched:
+            del self.customs_watch[order_id]
+        return {
+            "sessions": self.recommender.forget_sessions(f"{user_id}:"),
+            "customs_watch": len(watched),
+        }
 
     def segmenter(self, partition: int) -> RfmSegmenter:
         segmenter = self.segmenters.get(partition)

@@ -38,8 +38,13 @@ LOGISTICS = "logistics"
 FRAUD_ALERTS = "fraud-alerts"
 LOGISTICS_ALERTS = "logistics-alerts"
 DEADLETTER = "deadletter"
-#: Every topic of the contract: the four inputs, then the outputs.
-ALL_TOPICS = (CLICKS, PAYMENTS, FRAUD_LABELS, LOGISTICS, FRAUD_ALERTS, LOGISTICS_ALERTS, DEADLETTER)
+#: Control topic of ``borderflow forget``: keyed by user_id like the inputs (docs/privacy.md).
+PRIVACY_REQUESTS = "privacy-requests"
+#: Every topic of the contract: the four inputs, the outputs, then the control topic.
+ALL_TOPICS = (
+    CLICKS, PAYMENTS, FRAUD_LABELS, LOGISTICS, FRAUD_ALERTS, LOGISTICS_ALERTS, DEADLETTER,
+    PRIVACY_REQUESTS,
+)  # fmt: skip
 
 #: Accepted event-time range: anything outside is a producer bug, not an event.
 MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
@@ -219,6 +224,21 @@ INPUT_MODELS: dict[str, type[InboundEvent]] = {
     FRAUD_LABELS: FraudLabelEvent,
     LOGISTICS: LogisticsEvent,
 }
+
+
+class PrivacyRequest(BaseModel):
+    """Topic ``privacy-requests`` (key user_id): erase one user (``borderflow forget``).
+
+    Keyed and partitioned like the input topics, so it reaches the worker that owns the
+    user's state; that worker erases it and writes the receipt ``privacy:{request_id}``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    schema_version: int = SCHEMA_VERSION
+    request_id: Id
+    user_id: Id
+    requested_at: EpochMs
 
 
 class FraudAlert(BaseModel):

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 
 from schemas.config import Settings
@@ -67,6 +68,21 @@ end
 return 1
 """
 
+# KEYS: shipment hashes; ARGV[1]: user_id. Deletes the hashes that belong to that user (their
+# ``user_id`` field), so a forget never takes another user's order; returns how many went.
+_DELETE_USER_SHIPMENTS = """
+local n = 0
+for i = 1, #KEYS do
+  if redis.call('HGET', KEYS[i], 'user_id') == ARGV[1] then
+    n = n + redis.call('DEL', KEYS[i])
+  end
+end
+return n
+"""
+
+#: Alert stream entries read per round trip when a forget looks for a user's alerts.
+ALERT_SCAN_CHUNK = 1000
+
 # KEYS: one sorted set; ARGV: <score, member> pairs. Replaces the set atomically, so a reader
 # never sees it half-written (used for ``fbt:{item_id}``).
 _REPLACE_SORTED_SET = """
@@ -103,6 +119,7 @@ class RedisStore:
         self._write_user_state = self.client.register_script(_WRITE_USER_STATE)
         self._replace_sorted_set = self.client.register_script(_REPLACE_SORTED_SET)
         self._write_shipment = self.client.register_script(_WRITE_SHIPMENT)
+        self._delete_user_shipments = self.client.register_script(_DELETE_USER_SHIPMENTS)
 
     # -- key names (the contract) -----------------------------------------------------------
     def recs_key(self, user_id: str) -> str:
@@ -290,6 +307,69 @@ class RedisStore:
         raw = await self.client.hgetall(self.stats_key())
         return {_text(k): int(v) for k, v in raw.items()}
 
+    # -- personal data (borderflow forget; docs/privacy.md) --------------------------------------
+    def privacy_key(self, request_id: str) -> str:
+        """The receipt of one forget request (a hash, expires)."""
+        return f"{self.prefix}privacy:{request_id}"
+
+    async def forget_user(self, user_id: str, order_ids: Iterable[str] = ()) -> dict[str, int]:
+        """Delete a user's serving keys (profile, recs, recs meta) and the shipment hashes of
+        ``order_ids`` that belong to the user, in one round trip; counts of keys deleted."""
+        orders = sorted(set(order_ids))
+        pipe = self.client.pipeline(transaction=False)
+        pipe.delete(self.profile_key(user_id))
+        pipe.delete(self.recs_key(user_id))
+        pipe.delete(self.recs_meta_key(user_id))
+        if orders:
+            keys = [self.shipment_key(order_id) for order_id in orders]
+            await self._delete_user_shipments(keys=keys, args=[user_id], client=pipe)
+        results = await pipe.execute()
+        return {
+            "profile": int(results[0]),
+            "recs": int(results[1]) + int(results[2]),
+            "shipments": int(results[3]) if orders else 0,
+        }
+
+    async def forget_alerts(self, user_id: str) -> int:
+        """Delete the entries of the ``alerts`` stream that name the user; how many went.
+
+        The stream is capped (about 100,000 entries), so it is read through in chunks."""
+        key = self.alerts_key()
+        start = "-"
+        removed = 0
+        while True:
+            entries: Any = await self.client.xrange(key, min=start, max="+", count=ALERT_SCAN_CHUNK)
+            if not entries:
+                return removed
+            theirs = []
+            for entry_id, fields in entries:
+                try:
+                    named = orjson.loads(fields.get(b"alert", b"{}")).get("user_id")
+                except (orjson.JSONDecodeError, AttributeError):
+                    continue
+                if named == user_id:
+                    theirs.append(entry_id)
+            if theirs:
+                removed += int(await self.client.xdel(key, *theirs))
+            if len(entries) < ALERT_SCAN_CHUNK:
+                return removed
+            start = _next_stream_id(_text(entries[-1][0]))
+
+    async def save_privacy_receipt(
+        self, request_id: str, fields: Mapping[str, str | int | float], ttl_s: int
+    ) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.privacy_key(request_id))
+        mapping: Any = dict(fields)
+        pipe.hset(self.privacy_key(request_id), mapping=mapping)
+        if ttl_s > 0:
+            pipe.expire(self.privacy_key(request_id), ttl_s)
+        await pipe.execute()
+
+    async def read_privacy_receipt(self, request_id: str) -> dict[str, str]:
+        raw = await self.client.hgetall(self.privacy_key(request_id))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
     # -- reads (the storefront's view; also used by tests and the demo) -------------------------
     async def read_recs(self, user_id: str, n: int = 20) -> list[tuple[str, float]]:
         rows: Any = await self.client.zrevrange(self.recs_key(user_id), 0, n - 1, withscores=True)
@@ -309,3 +389,9 @@ class RedisStore:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _next_stream_id(entry_id: str) -> str:
+    """The smallest stream id after ``entry_id`` (``ms-seq``)."""
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"

@@ -17,7 +17,7 @@ import mode
 
 from schemas.config import Settings
 from schemas.errors import BorderflowError
-from streams.agents import clicks, fraud_labels, logistics, naive, payments
+from streams.agents import clicks, fraud_labels, logistics, naive, payments, privacy
 from streams.metrics import add_pages
 from streams.runtime import Runtime
 from streams.topology import build_topology
@@ -30,6 +30,7 @@ def _register_batched(runtime: Runtime) -> None:
     payments.register(runtime)
     fraud_labels.register(runtime)
     logistics.register(runtime)
+    privacy.register(runtime)
 
 
 PIPELINES: dict[str, Callable[[Runtime], object]] = {

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import itertools
 import logging
 import time
 from collections import Counter
@@ -86,6 +88,8 @@ class Runtime:
         #: Prometheus metrics of this worker app (served at /metrics; see streams/metrics.py).
         self.metrics = metrics_for(topology.app, settings)
         self.metrics.runtime = self
+        #: The agents' micro-batches in progress (a forget waits for them).
+        self.batches = InFlightBatches()
 
     # Sinks are created lazily, inside the worker's event loop.
     @property
@@ -371,6 +375,44 @@ class Runtime:
             return True
         seen = self.label_offsets.get(partition)
         return seen is not None and seen + 1 >= highwater
+
+
+class InFlightBatches:
+    """The micro-batches the agents are processing right now.
+
+    A batch reads its users' state from the tables before its first write and writes their
+    Redis keys at its end, with awaits in between. A forget (``streams/agents/privacy.py``)
+    erases the tables first, then waits here for the batches that were already running, and
+    only then deletes the Redis keys: none of those batches can write the keys back after it.
+    Batches that start later read the erased state.
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[int, asyncio.Future[None]] = {}
+        self._ids = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    @contextlib.asynccontextmanager
+    async def track(self) -> AsyncIterator[None]:
+        """Around one batch of an agent."""
+        batch_id = next(self._ids)
+        done = self._running[batch_id] = asyncio.get_running_loop().create_future()
+        try:
+            yield
+        finally:
+            del self._running[batch_id]
+            done.set_result(None)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until every batch running now has ended; False if some still run after
+        ``timeout_s`` (e.g. held by back-pressure while ClickHouse is down)."""
+        running = list(self._running.values())
+        if not running:
+            return True
+        _, pending = await asyncio.wait(running, timeout=timeout_s)
+        return not pending
 
 
 def micro_batches(

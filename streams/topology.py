@@ -14,6 +14,9 @@
                                                 --> topic logistics-alerts (delays)
                                                 --> ClickHouse shipment_events, shipments,
                                                     shipment_predictions, events_per_minute
+    privacy-requests --> forget_users          --> erases the user from both tables, the
+      (key user_id)                                 fraud engine, serving models and Redis;
+                                                --> Redis receipt bf:privacy:{request_id}
     any input that fails to decode or validate --> topic deadletter (reason + original bytes)
 
 All four input topics are keyed by user_id and have the same partition count, so one user's
@@ -48,6 +51,7 @@ from schemas.events import (
     LOGISTICS,
     LOGISTICS_ALERTS,
     PAYMENTS,
+    PRIVACY_REQUESTS,
 )
 
 
@@ -61,6 +65,8 @@ class Topology:
     fraud_alerts: faust.TopicT
     logistics_alerts: faust.TopicT
     deadletter: faust.TopicT
+    #: ``borderflow forget`` requests (key user_id, co-partitioned with the inputs).
+    privacy_requests: faust.TopicT
     #: user_id (bytes) -> UserProfile.to_bytes(); changelog-backed, so it survives restarts.
     user_profiles: faust.Table
     #: user_id (bytes) -> ShipmentBook.to_bytes(): the user's shipments in flight.
@@ -143,6 +149,7 @@ def build_topology(settings: Settings, app: faust.App | None = None) -> Topology
         fraud_alerts=topic(FRAUD_ALERTS),
         logistics_alerts=topic(LOGISTICS_ALERTS),
         deadletter=topic(DEADLETTER),
+        privacy_requests=topic(PRIVACY_REQUESTS),
         user_profiles=user_table("user_profiles"),
         user_shipments=user_table("user_shipments"),
     )

@@ -18,6 +18,9 @@ the same event id at a new position (a duplicate) writes nothing and is counted
 (``streams/agents/repeats.py``). Redis writes are guarded by event time. Only users whose
 profile changed in the batch (or who had a replay) are served: one table write and one Redis
 state per such user and batch.
+Consent: a user whose newest click says ``personalisation=false`` gets non-personal recs, keeps
+no behavioural profile (``models/profile.py``) and no session in the recommender; the click
+teaches the item's statistics only, and no RFM segment is learned (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
         if click.type == "purchase" and click.price and click.currency:
             amount = to_usd(click.price, click.currency) or 0.0
         position = (event.message.partition, event.message.offset)
+        had_consent = profile.personalisation and profile.events > 0
         applied = apply_click(profile, click, position)
         repeat = repeats.classify(
             click.event_id,
@@ -92,14 +96,21 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
         to_serve.add(click.user_id)
         kept.append((event, click))
         if applied:
+            # Without consent (the profile follows the newest click) the click teaches the
+            # item's statistics only, and the user gets no segment.
+            personal = profile.personalisation
+            if had_consent and not personal:
+                # Withdrawn: the sessions the recommender kept under the user's id go too.
+                serving.recommender.forget_sessions(f"{click.user_id}:")
             serving.learn_click(
                 click,
                 session_before=session_before,
                 basket_before=basket_before,
                 country=click.country or profile.country or None,
                 session_key=session_key(profile, click),
+                personal=personal,
             )
-            if click.type == "purchase":
+            if click.type == "purchase" and personal:
                 # RFM changes only at purchases: learn the segment then, in partition order.
                 segmenter = runtime.segmenter(event.message.partition)
                 profile.segment = segmenter.observe(
@@ -172,6 +183,7 @@ def register(runtime: Runtime) -> faust.types.AgentT:
     @topology.app.agent(topology.clicks, name="update_profiles_and_recs")
     async def update_profiles_and_recs(stream: faust.StreamT) -> None:
         async for events in micro_batches(stream, settings):
-            await process_clicks(runtime, events)
+            async with runtime.batches.track():
+                await process_clicks(runtime, events)
 
     return update_profiles_and_recs

@@ -83,6 +83,7 @@ def register(runtime: Runtime) -> faust.types.AgentT:
     @topology.app.agent(topology.fraud_labels, name="learn_fraud_labels")
     async def learn_fraud_labels(stream: faust.StreamT) -> None:
         async for events in micro_batches(stream, settings):
-            await process_labels(runtime, events)
+            async with runtime.batches.track():
+                await process_labels(runtime, events)
 
     return learn_fraud_labels

@@ -284,6 +284,7 @@ def register(runtime: Runtime) -> faust.types.AgentT:
     @topology.app.agent(topology.logistics, name="track_shipments")
     async def track_shipments(stream: faust.StreamT) -> None:
         async for events in micro_batches(stream, settings):
-            await process_scans(runtime, events)
+            async with runtime.batches.track():
+                await process_scans(runtime, events)
 
     return track_shipments

@@ -123,6 +123,7 @@ def register(runtime: Runtime) -> faust.types.AgentT:
     @topology.app.agent(topology.payments, name="score_payments")
     async def score_payments(stream: faust.StreamT) -> None:
         async for events in micro_batches(stream, settings):
-            await process_payments(runtime, events)
+            async with runtime.batches.track():
+                await process_payments(runtime, events)
 
     return score_payments

@@ -81,6 +81,11 @@ class FakeRedisStore:
         self.item_lists: dict[str, list[tuple[str, float]]] = {}
         self.popular_lists: dict[str, list[tuple[str, float]]] = {}
         self.shipments: dict[str, dict[str, Any]] = {}
+        #: The newest state written per user (what bf:profile/bf:recs hold).
+        self.user_states: dict[str, UserState] = {}
+        self.receipts: dict[str, dict[str, Any]] = {}
+        #: Writes and deletions in the order they happened: ("write"|"forget", user_id).
+        self.log: list[tuple[str, str]] = []
 
     async def write_user_states(
         self, states: Iterable[UserState], *, updated_at_ms: int, processed: Mapping[str, int]
@@ -88,7 +93,31 @@ class FakeRedisStore:
         batch = list(states)
         self.state_writes.append(batch)
         self.processed.update(processed)
+        for state in batch:
+            self.user_states[state.user_id] = state
+            self.log.append(("write", state.user_id))
         return [1] * len(batch)
+
+    async def forget_user(self, user_id: str, order_ids: Iterable[str] = ()) -> dict[str, int]:
+        self.log.append(("forget", user_id))
+        present = self.user_states.pop(user_id, None) is not None
+        theirs = [o for o in order_ids if self.shipments.get(o, {}).get("user_id") == user_id]
+        for order_id in theirs:
+            del self.shipments[order_id]
+        return {"profile": int(present), "recs": 2 * int(present), "shipments": len(theirs)}
+
+    async def forget_alerts(self, user_id: str) -> int:
+        kept = [a for a in self.alerts if orjson.loads(a)["user_id"] != user_id]
+        removed, self.alerts = len(self.alerts) - len(kept), kept
+        return removed
+
+    async def save_privacy_receipt(
+        self, request_id: str, fields: Mapping[str, Any], ttl_s: int
+    ) -> None:
+        self.receipts[request_id] = dict(fields)
+
+    async def read_privacy_receipt(self, request_id: str) -> dict[str, str]:
+        return {k: str(v) for k, v in self.receipts.get(request_id, {}).items()}
 
     async def count_processed(self, processed: Mapping[str, int]) -> None:
         self.processed.update(processed)
@@ -172,6 +201,10 @@ class FakeWriter:
 
     def close(self, timeout: float = 30.0) -> None:
         pass
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        self.make_durable()
+        return True
 
     def make_durable(self) -> None:
         callbacks, self.callbacks = self.callbacks, []
