@@ -22,13 +22,15 @@ setup: system-packages $(SETUP_STAMP) ## Install Debian packages (as root) and t
 
 # Debian packages: redis-server and clickhouse-server run the local stack, clickhouse-client is
 # for poking at it; python3-venv provides ensurepip, which bare Debian lacks for `-m venv`;
-# chromium (headless) renders `borderflow report` in its test.
+# chromium (headless) renders `borderflow report` in its test; openssl makes the throwaway TLS
+# certificates of the Kafka TLS settings test.
 system-packages:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	[ -x /usr/sbin/clickhouse-server ] || missing="$$missing clickhouse-server"; \
 	command -v clickhouse-client >/dev/null || missing="$$missing clickhouse-client"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	if [ ! -x $(PYTHON) ] && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
 		missing="$$missing python3-venv"; \
 	fi; \

@@ -60,6 +60,7 @@ from typing import Any, Protocol
 import orjson
 
 from models.fx import USD_PER_UNIT
+from models.shipments import STATUSES
 from schemas.decode import MAX_MESSAGE_BYTES
 from schemas.events import CLICKS, FRAUD_LABELS, LOGISTICS, MAX_TS_MS, MIN_TS_MS, PAYMENTS
 
@@ -128,20 +129,7 @@ SHAPES: dict[str, Shape] = {
         times=("ts", "promised_ts"),
         money=(),
         prices=(),
-        enums={
-            "status": (
-                "created",
-                "picked",
-                "departed",
-                "arrived_hub",
-                "customs_hold",
-                "customs_cleared",
-                "out_for_delivery",
-                "delivered",
-                "failed_attempt",
-                "returned",
-            )  # fmt: skip
-        },
+        enums={"status": STATUSES},
         countries=("origin_country", "dest_country"),
         currencies=(),
         texts={"location": 256},

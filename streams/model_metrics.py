@@ -66,9 +66,9 @@ def serving_metric_rows(
     computed_at: datetime,
 ) -> list[tuple[Any, ...]]:
     """Rows for the worker's serving models (catalog sizes) and delivery-time predictor."""
+    # The serving models have no event-time clock of their own: the delivery-time
+    # predictor's watermark (newest scan) dates the values.
     watermark = int(logistics_stats.get("watermark_ms") or 0)
-    if watermark <= 0:
-        watermark = int(serving_stats.get("watermark_ms") or 0)
     if watermark <= 0:
         return []
     run_id, day = online_run_id(app_id), _day(watermark)

@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,11 +37,11 @@ from sinks.kafka import EventProducer, ensure_topics
 from sinks.pseudonym import Pseudonymiser
 from sinks.redis_store import RedisStore
 from sinks.storefront_client import StorefrontClient
+from tests.integration.test_pipeline import click, payment, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
 REPO = Path(__file__).resolve().parents[2]
-T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 #: ClickHouse's READONLY, DATABASE_ACCESS_DENIED.
 READONLY, ACCESS_DENIED = 164, 291
 
@@ -71,53 +70,6 @@ def _cli(settings: Settings, *args: str, ok: bool = True) -> str:
     output = result.stdout + result.stderr
     assert (result.returncode == 0) == ok, f"borderflow {' '.join(args)}: {output}"
     return output
-
-
-def _click(user: str, event_id: str, minute: int, **fields: Any) -> bytes:
-    return orjson.dumps(
-        {
-            "event_id": event_id,
-            "ts": T0 + minute * 60_000,
-            "user_id": user,
-            "session_id": f"s-{user}",
-            "type": "view",
-            "item_id": "i1",
-            "category": "shoes",
-            "country": "DE",
-            "currency": "EUR",
-            "device": "ios",
-            "lang": "de",
-            **fields,
-        }
-    )
-
-
-def _payment(user: str, txn: str, minute: int, amount: float) -> bytes:
-    return orjson.dumps(
-        {
-            "event_id": txn,
-            "ts": T0 + minute * 60_000,
-            "user_id": user,
-            "card_id": f"card-{user}",
-            "merchant_id": "m1",
-            "amount": amount,
-            "currency": "USD",
-            "billing_country": "US",
-            "shipping_country": "US",
-            "ip_country": "US",
-            "device_id": f"dev-{user}",
-        }
-    )
-
-
-def _wait_until(predicate: Any, timeout_s: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -162,13 +114,15 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureStack]:
         secure.users = (user, teacher)
         with EventProducer(settings) as producer:
             clicks = [
-                (teacher, _click(teacher, f"{teacher}-1", 0, item_id="i1")),
-                (teacher, _click(teacher, f"{teacher}-2", 1, item_id="i2")),
-                (user, _click(user, f"{user}-1", 2, item_id="i1")),
+                (teacher, orjson.dumps(click(teacher, f"{teacher}-1", 0, item_id="i1"))),
+                (teacher, orjson.dumps(click(teacher, f"{teacher}-2", 1, item_id="i2"))),
+                (user, orjson.dumps(click(user, f"{user}-1", 2, item_id="i1"))),
             ]
             for key, value in clicks:
                 producer.send(settings.topic("clicks"), key, value)
-            producer.send(settings.topic("payments"), user, _payment(user, f"{user}-p1", 3, 42.0))
+            producer.send(
+                settings.topic("payments"), user, orjson.dumps(payment(user, f"{user}-p1", 3, 42.0))
+            )
         wait_processed(settings, 4, secure.worker, timeout_s=120)
         yield secure
     finally:
@@ -203,14 +157,16 @@ def test_pipeline_user_writes_but_cannot_administer(secure: SecureStack) -> None
     settings = secure.settings
     user, _ = secure.users
     # The worker, as the pipeline user, wrote the user's recommendations and counters.
-    meta = _wait_until(
+    meta = wait_until(
         lambda: _redis(settings, "read_meta", user).get("last_event_id") == f"{user}-1",
+        timeout_s=60,
         what="recs written by the worker",
     )
     assert meta
     assert sum(_redis(settings, "processed_counts").values()) >= 4
-    assert _wait_until(
+    assert wait_until(
         lambda: _redis(settings, "load_serving_checkpoint", settings.app_id),
+        timeout_s=60,
         what="serving checkpoint",
     )
 
@@ -220,7 +176,9 @@ def test_pipeline_user_writes_but_cannot_administer(secure: SecureStack) -> None
         # SCAN is allowed (tests clean up their keys with it).
         for pattern in ("fraud:checkpoint:*", "stats:latency_ms:*"):
             match = f"{settings.redis_prefix}{pattern}"
-            assert _wait_until(lambda m=match: list(client.scan_iter(match=m)), what=pattern)
+            assert wait_until(
+                lambda m=match: list(client.scan_iter(match=m)), timeout_s=60, what=pattern
+            )
         client.hset(f"{settings.redis_prefix}access-test", "written", "1")
         assert client.hget(f"{settings.redis_prefix}access-test", "written") == b"1"
         for command in (
@@ -240,8 +198,9 @@ def test_pipeline_user_writes_but_cannot_administer(secure: SecureStack) -> None
 def test_storefront_user_reads_recs_but_cannot_write(secure: SecureStack) -> None:
     settings = secure.settings
     user, _ = secure.users
-    _wait_until(
+    wait_until(
         lambda: _redis(settings, "read_meta", user).get("last_event_id") == f"{user}-1",
+        timeout_s=60,
         what="recs",
     )
     with StorefrontClient.from_settings(settings) as shop:
@@ -291,10 +250,11 @@ def test_clickhouse_writer_writes_the_facts(secure: SecureStack) -> None:
     pseudonym = Pseudonymiser.from_settings(settings).pseudonym(user, "user")
     client = clickhouse_client(settings)
     try:
-        rows = _wait_until(
+        rows = wait_until(
             lambda: client.execute(
                 "SELECT count() FROM click_events WHERE user_id = %(u)s", {"u": pseudonym}
             )[0][0],
+            timeout_s=60,
             what="the user's click in ClickHouse",
         )
         assert rows == 1
@@ -316,8 +276,9 @@ def test_clickhouse_analyst_reads_facts_and_nothing_else(secure: SecureStack) ->
 
     client = clickhouse_client(analyst)
     try:
-        _wait_until(
+        wait_until(
             lambda: client.execute("SELECT count() FROM click_events")[0][0] >= 3,
+            timeout_s=60,
             what="clicks visible to the analyst",
         )
         assert client.execute(f"SELECT count() FROM {database}.fraud_scores")[0][0] >= 1
