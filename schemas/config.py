@@ -97,6 +97,14 @@ class Settings(BaseSettings):
     storefront_redis_password: SecretStr | None = None
     #: Every Redis key starts with this (contract: ``bf:``); tests use their own.
     redis_prefix: str = "bf:"
+    #: A Redis call (connect, or one pipeline) that takes longer fails and is retried:
+    #: a hung Redis must not hang the agents.
+    redis_socket_timeout_s: float = Field(default=5.0, gt=0)
+    #: Serving writes queued while Redis is unreachable (coalesced: one per user, item list,
+    #: shipment, alert); above it the agents pause (back-pressure). sinks/redis_writes.py.
+    redis_max_pending_writes: int = Field(default=200_000, ge=1)
+    #: Longest wait between two retries of queued Redis writes (backoff from 0.2 s).
+    redis_retry_max_s: float = Field(default=5.0, gt=0)
     recs_top_n: int = Field(default=20, ge=1, le=500)
     #: Diversity: at most this many items of one category in a user's recs (0: no cap).
     recs_max_per_category: int = Field(default=6, ge=0, le=500)

@@ -12,13 +12,18 @@ import os
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis.asyncio as aioredis
 
 from schemas.config import Settings
 
+if TYPE_CHECKING:
+    from sinks.redis_writes import PendingWrites
+
+#: Length cap (approximate) of the ``bf:alerts`` stream.
+ALERTS_MAX_LEN = 100_000
 #: This process, as operators see it in ``stats:processed:{host}:{pid}``.
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -114,7 +119,11 @@ class RedisStore:
         self.prefix = settings.redis_prefix
         # The pipeline's ACL user (BORDERFLOW_REDIS_USERNAME/_PASSWORD; docs/security.md).
         self.client = client or aioredis.Redis.from_url(
-            settings.redis_url, decode_responses=False, **settings.redis_credentials()
+            settings.redis_url,
+            decode_responses=False,
+            socket_timeout=settings.redis_socket_timeout_s,
+            socket_connect_timeout=settings.redis_socket_timeout_s,
+            **settings.redis_credentials(),
         )
         self._write_user_state = self.client.register_script(_WRITE_USER_STATE)
         self._replace_sorted_set = self.client.register_script(_REPLACE_SORTED_SET)
@@ -153,6 +162,56 @@ class RedisStore:
         round trip (operators and the bench read it).
         """
         pipe = self.client.pipeline(transaction=False)
+        n_states = await self._queue_user_states(pipe, states, updated_at_ms)
+        self._count_processed(pipe, processed)
+        results = await pipe.execute()
+        return [int(r) for r in results[:n_states]]
+
+    async def write_item_lists(
+        self, lists: Mapping[str, list[tuple[str, float]]], *, kind: str = "fbt"
+    ) -> None:
+        """Replace ``{prefix}{kind}:{key}`` sorted sets (item -> score), one round trip
+        (``fbt:{item_id}``, ``popular:{country}``)."""
+        if not lists:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for key, ranked in lists.items():
+            await self._queue_item_list(pipe, kind, key, ranked)
+        await pipe.execute()
+
+    async def write_shipments(
+        self, shipments: Iterable[Mapping[str, str | int | float]], *, ttl_s: int = 0
+    ) -> list[int]:
+        """Write ``shipment:{order_id}`` hashes (each mapping holds ``order_id`` and
+        ``last_scan_ts``) in one pipeline; 1 written, 0 refused (a later scan is stored)."""
+        pipe = self.client.pipeline(transaction=False)
+        n = 0
+        for fields in shipments:
+            await self._queue_shipment(pipe, fields, ttl_s)
+            n += 1
+        if not n:
+            return []
+        return [int(r) for r in await pipe.execute()]
+
+    async def write_serving_batch(self, batch: PendingWrites, *, updated_at_ms: int) -> None:
+        """Everything a micro-batch (or, after an outage, many) queued for storefronts, in one
+        pipeline (``sinks/redis_writes.py``): user states, item lists, shipment views, alerts,
+        processed counters and latency samples (produce -> now)."""
+        pipe = self.client.pipeline(transaction=False)
+        await self._queue_user_states(pipe, batch.user_states.values(), updated_at_ms)
+        for (kind, key), ranked in batch.item_lists.items():
+            await self._queue_item_list(pipe, kind, key, ranked)
+        for fields, ttl_s in batch.shipments.values():
+            await self._queue_shipment(pipe, fields, ttl_s)
+        self._queue_alerts(pipe, batch.alerts)
+        self._count_processed(pipe, batch.processed)
+        for stage, produced in batch.latency_origins.items():
+            self._queue_latencies(pipe, stage, [updated_at_ms - ts for ts in produced])
+        await pipe.execute()
+
+    async def _queue_user_states(
+        self, pipe: Any, states: Iterable[UserState], updated_at_ms: int
+    ) -> int:
         n_states = 0
         for state in states:
             args: list[Any] = [
@@ -176,45 +235,26 @@ class RedisStore:
             ]
             await self._write_user_state(keys=keys, args=args, client=pipe)
             n_states += 1
-        self._count_processed(pipe, processed)
-        results = await pipe.execute()
-        return [int(r) for r in results[:n_states]]
+        return n_states
 
-    async def write_item_lists(
-        self, lists: Mapping[str, list[tuple[str, float]]], *, kind: str = "fbt"
+    async def _queue_item_list(
+        self, pipe: Any, kind: str, key: str, ranked: list[tuple[str, float]]
     ) -> None:
-        """Replace ``{prefix}{kind}:{key}`` sorted sets (item -> score), one round trip
-        (``fbt:{item_id}``, ``popular:{country}``)."""
-        if not lists:
-            return
-        pipe = self.client.pipeline(transaction=False)
-        for item_id, ranked in lists.items():
-            args: list[Any] = []
-            for partner, score in ranked:
-                args.append(score)
-                args.append(partner)
-            key = self.item_list_key(kind, item_id)
-            await self._replace_sorted_set(keys=[key], args=args, client=pipe)
-        await pipe.execute()
+        args: list[Any] = []
+        for partner, score in ranked:
+            args.append(score)
+            args.append(partner)
+        await self._replace_sorted_set(keys=[self.item_list_key(kind, key)], args=args, client=pipe)
 
-    async def write_shipments(
-        self, shipments: Iterable[Mapping[str, str | int | float]], *, ttl_s: int = 0
-    ) -> list[int]:
-        """Write ``shipment:{order_id}`` hashes (each mapping holds ``order_id`` and
-        ``last_scan_ts``) in one pipeline; 1 written, 0 refused (a later scan is stored)."""
-        pipe = self.client.pipeline(transaction=False)
-        n = 0
-        for fields in shipments:
-            args: list[Any] = [fields["last_scan_ts"], ttl_s]
-            for name, value in fields.items():
-                args.append(name)
-                args.append(value)
-            key = self.shipment_key(str(fields["order_id"]))
-            await self._write_shipment(keys=[key], args=args, client=pipe)
-            n += 1
-        if not n:
-            return []
-        return [int(r) for r in await pipe.execute()]
+    async def _queue_shipment(
+        self, pipe: Any, fields: Mapping[str, str | int | float], ttl_s: int
+    ) -> None:
+        args: list[Any] = [fields["last_scan_ts"], ttl_s]
+        for name, value in fields.items():
+            args.append(name)
+            args.append(value)
+        key = self.shipment_key(str(fields["order_id"]))
+        await self._write_shipment(keys=[key], args=args, client=pipe)
 
     async def read_shipment(self, order_id: str) -> dict[str, str]:
         raw = await self.client.hgetall(self.shipment_key(order_id))
@@ -237,15 +277,18 @@ class RedisStore:
     def alerts_key(self) -> str:
         return f"{self.prefix}alerts"
 
-    async def publish_alerts(self, alerts: Iterable[bytes], max_len: int = 100_000) -> None:
+    async def publish_alerts(self, alerts: Iterable[bytes]) -> None:
         """Append alert JSON documents to the capped stream ``bf:alerts`` (one round trip)."""
         pipe = self.client.pipeline(transaction=False)
+        if self._queue_alerts(pipe, alerts):
+            await pipe.execute()
+
+    def _queue_alerts(self, pipe: Any, alerts: Iterable[bytes]) -> int:
         n = 0
         for alert in alerts:
-            pipe.xadd(self.alerts_key(), {"alert": alert}, maxlen=max_len, approximate=True)
+            pipe.xadd(self.alerts_key(), {"alert": alert}, maxlen=ALERTS_MAX_LEN, approximate=True)
             n += 1
-        if n:
-            await pipe.execute()
+        return n
 
     async def read_alerts(
         self, last_id: str = "0-0", count: int = 100, block_ms: int | None = None
@@ -296,9 +339,15 @@ class RedisStore:
         if not samples_ms:
             return
         pipe = self.client.pipeline(transaction=False)
-        pipe.rpush(self.latency_key(stage), *[round(v, 3) for v in samples_ms])
-        pipe.ltrim(self.latency_key(stage), -cap, -1)
+        self._queue_latencies(pipe, stage, samples_ms, cap)
         await pipe.execute()
+
+    def _queue_latencies(
+        self, pipe: Any, stage: str, samples_ms: list[float], cap: int = 200_000
+    ) -> None:
+        if samples_ms:
+            pipe.rpush(self.latency_key(stage), *[round(v, 3) for v in samples_ms])
+            pipe.ltrim(self.latency_key(stage), -cap, -1)
 
     async def read_latencies(self, stage: str) -> list[float]:
         return [float(v) for v in await self.client.lrange(self.latency_key(stage), 0, -1)]

@@ -31,6 +31,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from schemas.config import Settings
 from schemas.events import CLICKS, FRAUD_LABELS, LOGISTICS, PAYMENTS
+from sinks.redis_writes import describe as describe_writes
 
 if TYPE_CHECKING:
     from streams.runtime import Runtime
@@ -102,6 +103,12 @@ class WorkerMetrics:
             buckets=SECONDS_BUCKETS,
             registry=r,
         )
+        self.redis_write_failures = Counter(
+            "borderflow_redis_write_failures",
+            "Failed attempts to store the queued serving writes (Redis unreachable); they stay "
+            "queued and are retried with backoff.",
+            registry=r,
+        )
         self.rec_predictions = Counter(
             "borderflow_rec_predictions",
             "Interest clicks scored against the recommendations served before them.",
@@ -161,6 +168,10 @@ class WorkerMetrics:
 
     def insert_failed(self, table: str, error: str) -> None:
         self.clickhouse_failures.labels(table).inc()
+
+    # RedisWriteBehind observer (on the event loop).
+    def redis_write_failed(self, error: str) -> None:
+        self.redis_write_failures.inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -302,6 +313,7 @@ class _StateCollector:
             return
         yield from self._consumer(runtime)
         yield from self._clickhouse(runtime)
+        yield from self._redis_writes(runtime)
         yield from self._models(runtime)
         yield self._duplicates(runtime)
 
@@ -373,6 +385,28 @@ class _StateCollector:
             capacity.add_metric([], float(getattr(writer, "_max_buffered", 0)))
             failing.add_metric([], float(bool(getattr(writer, "retrying", False))))
         yield buffered
+        yield capacity
+        yield failing
+
+    def _redis_writes(self, runtime: Runtime) -> Iterator[Metric]:
+        writes = getattr(runtime, "_redis_writes", None)
+        pending = GaugeMetricFamily(
+            "borderflow_redis_pending_writes",
+            "Serving writes queued for Redis (coalesced per key; many only while it is down).",
+        )
+        capacity = GaugeMetricFamily(
+            "borderflow_redis_pending_capacity",
+            "Queued Redis writes at which intake pauses (backpressure).",
+        )
+        failing = GaugeMetricFamily(
+            "borderflow_redis_failing",
+            "1 while queued Redis writes are being retried (Redis unreachable), else 0.",
+        )
+        if writes is not None:
+            pending.add_metric([], float(writes.pending))
+            capacity.add_metric([], float(writes.max_pending))
+            failing.add_metric([], float(writes.retrying))
+        yield pending
         yield capacity
         yield failing
 
@@ -490,6 +524,13 @@ async def health(runtime: Runtime, *, redis_timeout_s: float = 1.0) -> dict[str,
         redis_report["ok"] = False
         redis_report["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
         reasons.append(f"Redis unreachable: {redis_report['error']}")
+    writes = getattr(runtime, "_redis_writes", None)
+    if writes is not None:
+        redis_report["writes"] = describe_writes(writes)
+        if writes.retrying:
+            reasons.append(f"Redis writes queued and retried: {writes.last_error}")
+        if not writes.has_capacity():
+            reasons.append("Redis write queue full (intake paused)")
     report["redis"] = redis_report
     report["deadlettered"] = runtime.deadlettered
     return {"status": "degraded" if reasons else "ok", "reasons": reasons, **report}

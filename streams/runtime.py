@@ -34,6 +34,7 @@ from schemas.decode import Rejected, decode_message
 from schemas.events import DeadLetter, InboundEvent
 from sinks.clickhouse import ClickHouseWriter
 from sinks.redis_store import RedisStore, UserState
+from sinks.redis_writes import RETRYABLE, RedisWriteBehind, retry_redis
 from streams.facts import SinkPositions
 from streams.metrics import (
     TimedRedisStore,
@@ -66,6 +67,7 @@ class Runtime:
         self.settings = settings
         self.topology = topology
         self._redis = redis
+        self._redis_writes: RedisWriteBehind | None = None
         self._clickhouse = clickhouse
         #: Recommender, catalog, delivery lanes, bought-together, RFM segmenters: restored
         #: from the last checkpoint before the first batch that needs them.
@@ -100,6 +102,19 @@ class Runtime:
         return self._redis
 
     @property
+    def redis_writes(self) -> RedisWriteBehind:
+        """The agents' serving writes: one pipeline per batch, queued and retried while
+        Redis is down (sinks/redis_writes.py)."""
+        if self._redis_writes is None:
+            self._redis_writes = RedisWriteBehind(
+                self.redis,
+                max_pending=self.settings.redis_max_pending_writes,
+                retry_max_s=self.settings.redis_retry_max_s,
+                observer=self.metrics,
+            )
+        return self._redis_writes
+
+    @property
     def clickhouse(self) -> ClickHouseWriter:
         if self._clickhouse is None:
             self._clickhouse = ClickHouseWriter(self.settings, observer=self.metrics)
@@ -110,6 +125,8 @@ class Runtime:
             await self.checkpoint_serving_models()
         if self.fraud_engines:
             await self.checkpoint_fraud_engines(list(self.fraud_engines))
+        if self._redis_writes is not None and not await self._redis_writes.close():
+            log.warning("Redis unreachable at shutdown: queued serving writes not stored")
         if self._clickhouse is not None:
             await asyncio.to_thread(self._clickhouse.close)
         if self._redis is not None:
@@ -182,21 +199,39 @@ class Runtime:
         rows: dict[str, list[tuple[Any, ...]]],
         processed: dict[str, int] | None = None,
     ) -> None:
-        """The common end of every micro-batch: queue its ClickHouse rows, count it, hold its
-        offsets until the rows are stored, and pause while the ClickHouse buffer is full."""
+        """The common end of every micro-batch: queue its ClickHouse rows, store its queued
+        Redis writes (one pipeline), hold its offsets until both sinks have stored what it
+        added, and pause while either sink's buffer is full."""
         for table, table_rows in rows.items():
             self.clickhouse.add(table, table_rows)
         self.metrics.observe_rows(rows)
         if processed:
-            await self.redis.count_processed(processed)
+            self.redis_writes.add_processed(processed)
+        await self.store_serving_writes(events)
         self.hold_until_durable(events)
         await self.backpressure()
 
+    async def store_serving_writes(self, events: Sequence[faust.EventT]) -> None:
+        """Store the batch's queued Redis writes. While Redis is unreachable they stay queued
+        and are retried in the background; the batch's offsets are held until they are
+        stored, so the agent goes on (scoring, alerts, ClickHouse) and loses nothing."""
+        messages = [event.message for event in events]
+        for message in messages:
+            message.incref()
+        consumer = self.topology.app.consumer
+
+        def release() -> None:
+            for message in messages:
+                message.ack(consumer)
+
+        await self.redis_writes.flush(release)
+
     async def backpressure(self) -> None:
-        """Pause intake while the ClickHouse buffer is full (e.g. ClickHouse is down)."""
+        """Pause intake while a sink's buffer is full (ClickHouse or Redis down for long)."""
         writer = self.clickhouse
         while not writer.has_capacity():
             await asyncio.to_thread(writer.wait_for_capacity, 1.0)
+        await self.redis_writes.wait_for_capacity()
 
     # -- serving models (recommender, catalog, lanes, bought-together) -------------------------
     async def serving_models(self) -> ServingModels:
@@ -206,7 +241,10 @@ class Runtime:
         return await asyncio.shield(self._serving_load)
 
     async def _load_serving_models(self) -> ServingModels:
-        blob = await self.redis.load_serving_checkpoint(self.settings.app_id)
+        blob = await retry_redis(
+            lambda: self.redis.load_serving_checkpoint(self.settings.app_id),
+            what="the serving models' checkpoint",
+        )
         if blob is not None:
             try:
                 restored = await asyncio.to_thread(ServingModels.from_checkpoint, blob)
@@ -231,9 +269,13 @@ class Runtime:
             return 0  # nothing learned yet, and an unloaded checkpoint must not be overwritten
         blob = await asyncio.to_thread(ServingModels.compress_checkpoint, self.serving.pickle())
         stats = self.serving.stats()
-        await self.redis.save_serving_checkpoint(
-            self.settings.app_id, blob, {**stats, "saved_at_ms": wall_ms(), "bytes": len(blob)}
-        )
+        try:
+            await self.redis.save_serving_checkpoint(
+                self.settings.app_id, blob, {**stats, "saved_at_ms": wall_ms(), "bytes": len(blob)}
+            )
+        except RETRYABLE as exc:
+            log.warning("serving checkpoint not saved (Redis unreachable), next interval: %s", exc)
+            return 0
         self.clickhouse.add(
             "model_metrics",
             serving_metric_rows(
@@ -310,7 +352,10 @@ class Runtime:
         return engine
 
     async def _load_fraud_engine(self, partition: int) -> FraudEngine:
-        blob = await self.redis.load_checkpoint(self.settings.app_id, partition)
+        blob = await retry_redis(
+            lambda: self.redis.load_checkpoint(self.settings.app_id, partition),
+            what=f"the fraud engine checkpoint of partition {partition}",
+        )
         if blob is not None:
             engine = await asyncio.to_thread(FraudEngine.from_checkpoint, blob)
             log.info("fraud engine of partition %d restored: %s", partition, engine.stats())
@@ -332,20 +377,32 @@ class Runtime:
         chosen = list(self._checkpoint_holds) if partitions is None else list(partitions)
         saved = 0
         consumer = self.topology.app.consumer
+        redis_down = False
         for partition in chosen:
             engine = self.fraud_engines.get(partition)
             held = self._checkpoint_holds.pop(partition, [])
             if engine is None:
                 continue
+            if redis_down:  # one timeout per round is enough
+                self._checkpoint_holds.setdefault(partition, [])[:0] = held
+                continue
             # Pickled on the event loop (the only place the engine changes), so the image is
             # consistent; compressed off the loop.
             blob = await asyncio.to_thread(FraudEngine.compress_checkpoint, engine.pickle())
-            await self.redis.save_checkpoint(
-                self.settings.app_id,
-                partition,
-                blob,
-                {**engine.stats(), "saved_at_ms": wall_ms(), "bytes": len(blob)},
-            )  # fmt: skip
+            try:
+                await self.redis.save_checkpoint(
+                    self.settings.app_id,
+                    partition,
+                    blob,
+                    {**engine.stats(), "saved_at_ms": wall_ms(), "bytes": len(blob)},
+                )  # fmt: skip
+            except RETRYABLE as exc:
+                # The offsets stay held (never committed past what a checkpoint covers);
+                # the next interval tries again.
+                log.warning("fraud checkpoint of partition %d not saved: %s", partition, exc)
+                self._checkpoint_holds.setdefault(partition, [])[:0] = held
+                redis_down = True
+                continue
             saved += 1
             self.clickhouse.add(
                 "model_metrics",
@@ -361,6 +418,9 @@ class Runtime:
         await self.checkpoint_fraud_engines(wanted)
         for partition in wanted:
             self.fraud_engines.pop(partition, None)
+            # Not saved (Redis down): those offsets stay uncommitted, and the next owner
+            # restores the last saved image and reads them again.
+            self._checkpoint_holds.pop(partition, None)
 
     def labels_caught_up(self, partition: int) -> bool:
         """True when this worker has read everything currently in that fraud-labels partition."""

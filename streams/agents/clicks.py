@@ -145,18 +145,18 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
 
     top_n = runtime.settings.recs_top_n
     states = runtime.serve({user_id: profiles[user_id] for user_id in to_serve})
-    await runtime.redis.write_user_states(
-        states, updated_at_ms=wall_ms(), processed={CLICKS: len(clicks)}
-    )
+    writes = runtime.redis_writes
+    writes.add_user_states(states)
     fbt_top_n = runtime.settings.fbt_top_n
-    await runtime.redis.write_item_lists(
-        {item_id: serving.fbt.top(item_id, fbt_top_n) for item_id in serving.fbt.drain_changed()}
+    writes.add_item_lists(
+        {item_id: serving.fbt.top(item_id, fbt_top_n) for item_id in serving.fbt.drain_changed()},
+        kind="fbt",
     )
     # Trending lists of the batch's countries, for users the storefront knows nothing about.
     if kept:
         countries = {click.country or profiles[click.user_id].country for _, click in kept}
         recommender = serving.recommender
-        await runtime.redis.write_item_lists(
+        writes.add_item_lists(
             {
                 (country or GLOBAL_POPULAR_KEY): recommender.top_popular(country or None, top_n)
                 for country in countries | {""}
@@ -165,14 +165,13 @@ async def process_clicks(runtime: Runtime, events: Sequence[faust.EventT]) -> in
             kind="popular",
         )
     if runtime.settings.record_latency:
-        # Producer timestamp (CreateTime, seconds) -> now: produce to visible in Redis.
-        visible_ms = wall_ms()
-        await runtime.redis.record_latencies(
-            "recs", [visible_ms - event.message.timestamp * 1000 for event, _ in kept]
+        # Producer timestamp (CreateTime) -> stored: produce to visible in Redis.
+        writes.add_latency_origins(
+            "recs", [int(event.message.timestamp * 1000) for event, _ in kept]
         )
-    # Clicks were counted in the same pipeline as the user states.
+    # All of it goes to Redis in one pipeline, with the processed counter, in finish_batch.
     # Rollups (events_per_minute/hour, segment_mix_per_hour) are views over click_events.
-    await runtime.finish_batch(events, facts.rows)
+    await runtime.finish_batch(events, facts.rows, {CLICKS: len(clicks)})
     return len(clicks)
 
 

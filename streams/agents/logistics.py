@@ -270,11 +270,12 @@ async def _publish(
         )
     updated_at = wall_ms()
     ttl_s = int(runtime.settings.shipment_ttl_days * 86_400)
-    await runtime.redis.write_shipments(
+    writes = runtime.redis_writes
+    writes.add_shipments(
         [shipment_view(s, langs[s.user_id], updated_at) for s in views.values()], ttl_s=ttl_s
     )
     # The delivery experience is part of the profile the storefront reads.
-    await runtime.redis.write_user_states(states, updated_at_ms=updated_at, processed={})
+    writes.add_user_states(states)
 
 
 def register(runtime: Runtime) -> faust.types.AgentT:

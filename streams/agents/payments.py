@@ -107,7 +107,7 @@ async def process_payments(runtime: Runtime, events: Sequence[faust.EventT]) -> 
     documents = [orjson.dumps(alert.model_dump()) for alert in alerts]
     for alert, document in zip(alerts, documents, strict=True):
         await runtime.topology.fraud_alerts.send(key=alert.user_id.encode(), value=document)
-    await runtime.redis.publish_alerts(documents)
+    runtime.redis_writes.add_alerts(documents)
     await runtime.finish_batch(
         events,
         facts.rows,  # events_per_minute/hour are views over fraud_scores

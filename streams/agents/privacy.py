@@ -41,6 +41,7 @@ from models.shipments import ShipmentBook
 from schemas.decode import decode_message
 from schemas.events import PrivacyRequest
 from sinks.redis_store import WORKER_ID
+from sinks.redis_writes import retry_redis
 from streams.runtime import Runtime, micro_batches, wall_ms
 
 log = logging.getLogger(__name__)
@@ -92,9 +93,16 @@ async def forget(runtime: Runtime, request: PrivacyRequest, partition: int) -> d
     again, more_orders = erase_state(runtime, request.user_id, partition)
     removed.update(again)
     orders |= more_orders
-    keys = await runtime.redis.forget_user(request.user_id, orders)
+    # Writes queued for the user while Redis was down would write the keys back.
+    removed["redis_queued_writes"] = runtime.redis_writes.drop_user(request.user_id)
+    user_id = request.user_id
+    keys = await retry_redis(
+        lambda: runtime.redis.forget_user(user_id, orders), what="a forget request"
+    )
     removed.update({f"redis_{kind}": count for kind, count in keys.items()})
-    removed["redis_alerts"] = await runtime.redis.forget_alerts(request.user_id)
+    removed["redis_alerts"] = await retry_redis(
+        lambda: runtime.redis.forget_alerts(user_id), what="a forget request"
+    )
     removed["orders"] = len(orders)
     # The checkpoints in Redis held the user too: replace them now, not at the next timer.
     await runtime.checkpoint_fraud_engines([partition])

@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import orjson
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from models.fraud import HOUR_MS
 from models.profile import UserProfile
@@ -27,6 +28,7 @@ from schemas.config import Settings
 from schemas.events import DeadLetter, FraudAlert
 from sinks.clickhouse import TABLE_COLUMNS, ClickHouseWriter
 from sinks.redis_store import RedisStore, UserState
+from sinks.redis_writes import PendingWrites
 from streams.agents.clicks import process_clicks
 from streams.agents.fraud_labels import process_labels
 from streams.agents.logistics import process_scans
@@ -86,6 +88,8 @@ class FakeRedisStore:
         self.receipts: dict[str, dict[str, Any]] = {}
         #: Writes and deletions in the order they happened: ("write"|"forget", user_id).
         self.log: list[tuple[str, str]] = []
+        #: True: every serving write fails as if Redis were unreachable.
+        self.down = False
 
     async def write_user_states(
         self, states: Iterable[UserState], *, updated_at_ms: int, processed: Mapping[str, int]
@@ -97,6 +101,27 @@ class FakeRedisStore:
             self.user_states[state.user_id] = state
             self.log.append(("write", state.user_id))
         return [1] * len(batch)
+
+    async def write_serving_batch(self, batch: PendingWrites, *, updated_at_ms: int) -> None:
+        """The real store's one pipeline, played by the fake's methods (tests wrap them)."""
+        if self.down:
+            raise RedisConnectionError("Redis is down (test)")
+        if batch.user_states or batch.processed:
+            await self.write_user_states(
+                batch.user_states.values(), updated_at_ms=updated_at_ms, processed=batch.processed
+            )
+        for kind in ("fbt", "popular"):
+            lists = {key: items for (k, key), items in batch.item_lists.items() if k == kind}
+            if lists:
+                await self.write_item_lists(lists, kind=kind)
+        if batch.shipments:
+            for ttl_s in sorted({ttl for _, ttl in batch.shipments.values()}):
+                views = [fields for fields, ttl in batch.shipments.values() if ttl == ttl_s]
+                await self.write_shipments(views, ttl_s=ttl_s)
+        if batch.alerts:
+            await self.publish_alerts(batch.alerts)
+        for stage, produced in batch.latency_origins.items():
+            await self.record_latencies(stage, [updated_at_ms - ts for ts in produced])
 
     async def forget_user(self, user_id: str, order_ids: Iterable[str] = ()) -> dict[str, int]:
         self.log.append(("forget", user_id))
@@ -820,13 +845,59 @@ async def test_batch_offsets_are_committed_only_when_clickhouse_has_the_rows(
     events = [harness.event("clicks", click("u1", T0 + i)) for i in range(3)]
     events.append(harness.event("clicks", b"{broken"))
     await process_clicks(harness.runtime, events)
-    assert [e.message.refcount for e in events] == [1, 1, 1, 1]  # held, bad one included
-    assert all(e.message.acks == [] for e in events)
+    # Held for ClickHouse, bad one included (Redis stored the batch's writes at once).
+    assert [e.message.refcount for e in events] == [1, 1, 1, 1]
 
     await harness.settle()
     consumer = harness.runtime.topology.app.consumer
-    assert [e.message.acks for e in events] == [[consumer]] * 4
+    assert all(e.message.acks[-1] is consumer for e in events)
     assert [e.message.refcount for e in events] == [0, 0, 0, 0]
+
+
+async def test_a_redis_outage_queues_the_writes_and_holds_the_offsets(
+    harness: Harness,
+) -> None:
+    runtime, redis = harness.runtime, harness.redis
+    writes = runtime.redis_writes
+    writes._retry_initial_s = 0.01  # the test's outage is short
+    redis.down = True
+    first = [harness.event("clicks", click("u1", T0 + i)) for i in range(2)]
+    second = [harness.event("clicks", click(u, T0 + 10)) for u in ("u1", "u2")]
+    scans = [harness.event("logistics", scan("u2", "o1", "created", T0 + 20))]
+    alerting = harness.event("payments", payment("u3", T0))
+    await process_clicks(runtime, first)
+    await process_clicks(runtime, second)
+    await process_scans(runtime, scans)
+    await process_payments(runtime, [alerting])
+    await harness.settle()  # ClickHouse has the rows: only Redis holds the offsets now
+
+    # Nothing lost, nothing stored, the agents went on; one queued state per user.
+    events = [*first, *second, *scans, alerting]
+    assert redis.user_states == {} and redis.processed == Counter()
+    assert writes.retrying and set(writes._pending.user_states) == {"u1", "u2"}
+    assert (
+        writes._pending.user_states["u1"].event_id
+        == orjson.loads(cast(bytes, second[0].value))["event_id"]
+    )
+    # Held for Redis (and the payment also for its fraud engine checkpoint).
+    assert [e.message.refcount for e in events] == [1] * (len(events) - 1) + [2]
+
+    redis.down = False
+    for _ in range(200):
+        if not writes.retrying:
+            break
+        await asyncio.sleep(0.01)
+    assert not writes.retrying and writes.pending == 0
+    assert set(redis.user_states) == {"u1", "u2"}
+    assert (
+        redis.user_states["u1"].event_id == orjson.loads(cast(bytes, second[0].value))["event_id"]
+    )
+    assert set(redis.shipments) == {"o1"}
+    assert redis.processed == Counter({"clicks": 4, "logistics": 1, "payments": 1})
+    # All offsets released once stored (the payment's waits for its engine checkpoint).
+    assert [e.message.refcount for e in events[:-1]] == [0] * (len(events) - 1)
+    await runtime.checkpoint_fraud_engines()
+    assert alerting.message.refcount == 0
 
 
 async def test_latency_samples_are_recorded_when_asked(harness: Harness) -> None:
@@ -973,7 +1044,7 @@ async def test_labels_are_stored_and_queued_in_their_partitions_engine(harness: 
     assert all(e.message.refcount == 1 for e in events)
     assert await harness.runtime.checkpoint_fraud_engines() == 2
     assert set(harness.redis.checkpoints) == {(harness.runtime.settings.app_id, p) for p in (2, 3)}
-    assert all(e.message.refcount == 0 and len(e.message.acks) == 2 for e in events)
+    assert all(e.message.refcount == 0 and len(e.message.acks) == 3 for e in events)
     # Each checkpoint also files the engine's state in model_metrics (online run).
     metrics = {(row["model"], row["metric"]): row for row in harness.writer.table("model_metrics")}
     applied = metrics[("fraud-p2", "labels_applied")]
@@ -1239,15 +1310,17 @@ async def test_real_writer_releases_offsets_after_the_insert(harness: Harness) -
             )
         ]
         await process_scans(runtime, events)
-        assert events[0].message.refcount == 1 and events[0].message.acks == []
+        # Redis stored its writes at once; the ClickHouse hold remains.
+        assert events[0].message.refcount == 1 and len(events[0].message.acks) == 1
         assert client.inserted == []
         assert await asyncio.to_thread(writer.flush, 10.0)
         for _ in range(100):
-            if events[0].message.acks:
+            if events[0].message.refcount == 0:
                 break
             await asyncio.sleep(0.01)
         assert sorted(client.inserted) == ["shipment_events"]
-        assert events[0].message.acks == [runtime.topology.app.consumer]
+        assert events[0].message.refcount == 0
+        assert events[0].message.acks[-1] is runtime.topology.app.consumer
     finally:
         await runtime.close()
 
