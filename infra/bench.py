@@ -20,6 +20,7 @@ Results are printed and written as JSON with a description of the machine.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import platform
 import threading
@@ -36,7 +37,13 @@ import orjson
 
 from infra.generator import GeneratedEvent, GeneratorConfig, generate_to_list
 from infra.migrate import migrate
-from infra.processes import isolated, start_worker, wait_processed
+from infra.processes import (
+    WorkerProcess,
+    isolated,
+    processed_total,
+    start_worker,
+    wait_processed,
+)
 from schemas.config import Settings
 from schemas.events import ALL_TOPICS
 from sinks.kafka import EventProducer, TopicReader, ensure_topics
@@ -108,29 +115,102 @@ def produce_all(settings: Settings, messages: list[Message]) -> float:
 
 
 def measure_throughput(
-    settings: Settings, messages: list[Message], pipeline: str, log_dir: Path
+    settings: Settings,
+    messages: list[Message],
+    pipeline: str,
+    log_dir: Path,
+    *,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    run = isolated(settings, pipeline[:5], pipeline=pipeline)
+    """Events/s of ``workers`` workers of one app on the workload, produced as a backlog.
+
+    The workers start first and are warmed up until each owns partitions and has processed
+    events (so no group join or rebalance falls into the measurement); then the workload is
+    produced at once and timed from the first processed batch to the last.
+    """
+    run = isolated(settings, f"{pipeline[:5]}{workers}w", pipeline=pipeline)
     ensure_topics(run, TOPICS)
     n_events = sum(len(m.events) for m in messages)
-    produce_rate = produce_all(run, messages)
-    worker = start_worker(run, log_dir, f"throughput-{pipeline}")
+    procs = [start_worker(run, log_dir, f"throughput-{pipeline}-{i}") for i in range(workers)]
     try:
-        first_t, first_n, done_t = wait_processed(run, n_events, worker, timeout_s=900)
+        baseline = warm_up(run, procs)
+        produce_rate = produce_all(run, messages)
+        first_t, first_n, done_t = wait_processed(
+            run, n_events, procs[0], timeout_s=900, baseline=baseline
+        )
+        for proc in procs[1:]:
+            if proc.process.poll() is not None:
+                raise click.ClickException(f"a bench worker died; see {proc.log_path}")
+        shares = sorted(per_worker_processed(run).values(), reverse=True)
     finally:
-        worker.stop()
+        for proc in procs:
+            proc.stop()
     elapsed = max(done_t - first_t, 1e-6)
     rate = (n_events - first_n) / elapsed
     return {
         "pipeline": pipeline,
+        "workers": workers,
         "events": n_events,
         "messages": len(messages),
         "events_per_s": round(rate, 1),
+        "events_per_s_per_worker": round(rate / workers, 1),
         # The worker counts events; messages/s scales by the workload's events per message.
         "messages_per_s": round(rate * len(messages) / n_events, 1),
         "producer_messages_per_s": round(produce_rate, 1),
         "processing_seconds": round(elapsed, 3),
+        "events_per_worker": shares,
     }
+
+
+#: Warm-up clicks per round: enough distinct users to reach every partition.
+WARM_UP_USERS = 64
+
+
+def warm_up(settings: Settings, workers: list[WorkerProcess], timeout_s: float = 180.0) -> int:
+    """Send rounds of warm-up clicks (users of their own) until every worker has processed
+    some; returns the processed count then (the measurement's baseline)."""
+    deadline = time.monotonic() + timeout_s
+    sent = 0
+    for round_no in itertools.count():
+        with EventProducer(settings) as producer:
+            for i in range(WARM_UP_USERS):
+                user = f"bench-warm-{i}"
+                value = {
+                    "event_id": f"{user}-{round_no}",
+                    "ts": 1_700_000_000_000 + round_no * 1000,
+                    "user_id": user,
+                    "session_id": f"{user}-s",
+                    "type": "view",
+                    "item_id": f"warm-item-{i % 8}",
+                    "country": "DE",
+                }
+                producer.send(settings.topic("clicks"), user, orjson.dumps(value))
+            producer.flush(10)
+        sent += WARM_UP_USERS
+        wait_processed(settings, sent, workers[0], timeout_s=max(1.0, deadline - time.monotonic()))
+        if len(per_worker_processed(settings)) >= len(workers):
+            return processed_total(settings)
+        if time.monotonic() > deadline:
+            raise click.ClickException("bench workers did not all get partitions in time")
+        time.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
+def per_worker_processed(settings: Settings) -> dict[str, int]:
+    """Events processed per worker (``stats:processed:{host}:{pid}``) of this app's prefix."""
+
+    async def read() -> dict[str, int]:
+        store = RedisStore(settings)
+        try:
+            counts: dict[str, int] = {}
+            async for key in store.client.scan_iter(match=f"{store.stats_key()}:*"):
+                values = await store.client.hgetall(key)
+                counts[key.decode()] = sum(int(v) for v in values.values())
+            return counts
+        finally:
+            await store.aclose()
+
+    return asyncio.run(read())
 
 
 def _percentiles(samples: list[float]) -> dict[str, float | int]:
@@ -287,6 +367,8 @@ def run_bench(
     run_naive: bool,
     out: str | None,
     events_per_message: int = 1,
+    workers: int = 1,
+    state_users: int = 0,
 ) -> dict[str, Any]:
     bench_settings = settings.model_copy(
         update={"clickhouse_database": f"{settings.clickhouse_database}_bench"}
@@ -332,6 +414,19 @@ def run_bench(
         results["throughput"][variant] = result
         click.echo(f"  {result['events_per_s']:.0f} events/s")
     batched_rate = results["throughput"]["batched"]["events_per_s"]
+    if workers > 1:
+        click.echo(f"throughput: batched pipeline, {workers} workers ...")
+        scaled = measure_throughput(bench_settings, messages, "batched", log_dir, workers=workers)
+        results["throughput"][f"batched_{workers}_workers"] = scaled
+        results["scale_out"] = {
+            "workers": workers,
+            "events_per_s": scaled["events_per_s"],
+            "speedup_vs_1_worker": round(scaled["events_per_s"] / batched_rate, 2),
+        }
+        click.echo(
+            f"  {scaled['events_per_s']:.0f} events/s, "
+            f"{results['scale_out']['speedup_vs_1_worker']}x one worker"
+        )
     if run_naive:
         naive_rate = results["throughput"]["naive"]["events_per_s"]
         results["speedup_vs_naive"] = round(batched_rate / naive_rate, 2)
@@ -340,6 +435,16 @@ def run_bench(
         click.echo(f"latency at half load ({batched_rate / 2:.0f} events/s) ...")
         results["latency_half_load"] = measure_latency(
             bench_settings, messages, batched_rate / 2, latency_seconds, log_dir
+        )
+    if state_users:
+        from infra.bench_state import measure_state
+
+        click.echo(f"state: {state_users} users restored, SIGKILL, recovered ...")
+        results["state"] = measure_state(bench_settings, state_users, log_dir)
+        state = results["state"]
+        click.echo(
+            f"  {state['memory_gb_per_million_users']} GB per 1M users, recovery after "
+            f"SIGKILL {state['recovery_seconds_after_sigkill']} s"
         )
     text = orjson.dumps(results, option=orjson.OPT_INDENT_2).decode()
     click.echo(text)

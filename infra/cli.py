@@ -129,6 +129,20 @@ def _free_port() -> int:
     help="Send up to N of one user's events as one JSON-array message (tracker batching).",
 )
 @click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 16),
+    help="Also measure N workers of one app on the same workload (scale-out ratio).",
+)
+@click.option(
+    "--state-users",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Also measure memory and recovery time after SIGKILL of a worker holding N users.",
+)
+@click.option(
     "--out",
     type=click.Path(dir_okay=False),
     default=None,
@@ -141,6 +155,8 @@ def bench(
     latency_seconds: float,
     compare: bool,
     events_per_message: int,
+    workers: int,
+    state_users: int,
     out: str | None,
 ) -> None:
     """Measure events/s and produce-to-visible latency on the real stack, vs the naive variant."""
@@ -153,6 +169,8 @@ def bench(
         run_naive=compare,
         out=out,
         events_per_message=events_per_message,
+        workers=workers,
+        state_users=state_users,
     )
 
 

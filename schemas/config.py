@@ -60,8 +60,12 @@ class Settings(BaseSettings):
 
     # --- Faust worker --------------------------------------------------------------------
     app_id: str = "borderflow"
-    #: ``memory://`` (state rebuilt from changelog topics at start) or ``rocksdb://``.
+    #: ``memory://``: state rebuilt from the changelog topics at every start (the only store
+    #: borderflow's batch writes support today; see docs/operations.md, state and recovery).
     store: str = "memory://"
+    #: Faust's data folder of the worker (Faust keeps table files there), one sub-folder per
+    #: app id; unset: ``{stack_dir}/faust``.
+    data_dir: Path | None = None
     worker_web_port: int = 16066
     #: Address the worker's web server (/metrics, /health) binds: loopback by default;
     #: ``0.0.0.0`` in a container, so Prometheus on the container network can scrape it.
@@ -237,6 +241,10 @@ class Settings(BaseSettings):
     def topic(self, name: str) -> str:
         """The broker-side name of contract topic ``name``."""
         return f"{self.topic_prefix}{name}"
+
+    def faust_datadir(self) -> Path:
+        """Where this app's worker keeps local table state."""
+        return (self.data_dir or self.stack_dir / "faust") / self.app_id
 
     @property
     def redis_port(self) -> int:

@@ -84,12 +84,16 @@ class Topology:
 
 def build_app(settings: Settings) -> faust.App:
     """A Faust app configured for at-least-once processing against ``settings``' broker."""
+    datadir = settings.faust_datadir()
+    datadir.parent.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     return BorderflowApp(
         settings.app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         # SASL and/or TLS, the same settings confluent-kafka gets (docs/security.md).
         broker_credentials=settings.faust_broker_credentials(),
         store=settings.store,
+        # Not Faust's default ``{app_id}-data`` in the working directory.
+        datadir=str(datadir),
         # exactly_once needs idempotent aiokafka producers, which Tansu rejects; sinks are
         # idempotent instead (see docs/architecture.md).
         processing_guarantee="at_least_once",
@@ -166,7 +170,12 @@ class UserPartitionedTable(faust.Table):
     """
 
     def partition_for_key(self, key: Any) -> int:
-        return (murmur2(want_bytes(key)) & 0x7FFFFFFF) % int(self.partitions or 1)
+        return user_partition(want_bytes(key), int(self.partitions or 1))
+
+
+def user_partition(key: bytes, partitions: int) -> int:
+    """Kafka's default (murmur2) partition of ``key``: where the user's events and state go."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 class SeekFirstRecovery(Recovery):

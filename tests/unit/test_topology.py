@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from schemas.config import Settings
 from streams.topology import build_app
 
@@ -11,3 +13,14 @@ def test_web_server_listens_where_the_settings_say() -> None:
     assert build_app(Settings()).conf.web_bind == "127.0.0.1"
     container = build_app(Settings(worker_web_host="0.0.0.0", worker_web_port=16070)).conf
     assert (container.web_bind, container.web_port) == ("0.0.0.0", 16070)
+
+
+def test_faust_keeps_its_data_under_the_stack_folder_not_the_working_directory(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(app_id="bf-data-test", stack_dir=tmp_path / "stack")
+    app = build_app(settings)
+    assert Path(app.conf.datadir) == tmp_path / "stack" / "faust" / "bf-data-test"
+    assert (tmp_path / "stack" / "faust").is_dir()  # Faust itself creates only the last level
+    elsewhere = Settings(app_id="bf-data-test", data_dir=tmp_path / "disk")
+    assert elsewhere.faust_datadir() == tmp_path / "disk" / "bf-data-test"
