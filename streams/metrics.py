@@ -474,6 +474,18 @@ def _consumer_of(runtime: Runtime) -> Any:
 
 
 # -- health -------------------------------------------------------------------------------------
+def crashed_agents(runtime: Runtime) -> dict[str, str]:
+    """Agents with a crashed actor (an exception escaped a batch), with the reason."""
+    agents = getattr(runtime.topology.app, "agents", None) or {}
+    crashed: dict[str, str] = {}
+    for name, agent in agents.items():
+        for actor in getattr(agent, "_actors", ()):
+            if getattr(actor, "crashed", False):
+                reason = getattr(actor, "crash_reason", None)
+                crashed[str(name).rsplit(".", 1)[-1]] = f"{type(reason).__name__}: {reason}"[:300]
+    return crashed
+
+
 async def health(runtime: Runtime, *, redis_timeout_s: float = 1.0) -> dict[str, Any]:
     """The worker's health: ``status`` ok/degraded with the ``reasons`` and the details."""
     reasons: list[str] = []
@@ -492,6 +504,12 @@ async def health(runtime: Runtime, *, redis_timeout_s: float = 1.0) -> dict[str,
     report["assigned_partitions"] = len(assigned)
     if not assigned:
         reasons.append("no input partitions assigned (starting, rebalancing or idle spare)")
+    crashed = crashed_agents(runtime)
+    report["crashed_agents"] = crashed
+    for name, reason in crashed.items():
+        # A crashed agent processes nothing more, and its offsets are never committed: the
+        # worker must be restarted (the next owner reads those events again).
+        reasons.append(f"agent {name} crashed: {reason}")
 
     writer = runtime._clickhouse
     if writer is None:

@@ -200,9 +200,20 @@ async def test_health_is_degraded_with_reasons() -> None:
     )
     runtime = fake_runtime(metrics, redis_fails=True, writer=writer)
     runtime.topology.app._consumer.assigned = set()
+    crashed = SimpleNamespace(crashed=True, crash_reason=AssertionError("no current event"))
+    runtime.topology.app.agents = {
+        "streams.agents.clicks.update_profiles_and_recs": SimpleNamespace(_actors=[crashed]),
+        "streams.agents.payments.score_payments": SimpleNamespace(
+            _actors=[SimpleNamespace(crashed=False, crash_reason=None)]
+        ),
+    }
     result = await health(runtime)
     assert result["status"] == "degraded"
+    assert result["crashed_agents"] == {
+        "update_profiles_and_recs": "AssertionError: no current event"
+    }
     text = " | ".join(result["reasons"])
+    assert "agent update_profiles_and_recs crashed" in text
     assert "no input partitions" in text
     assert "ClickHouse inserts failing: boom" in text
     assert "buffer full" in text
