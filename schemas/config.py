@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     #: Prepended to every topic name; tests use it to isolate runs on one broker.
     topic_prefix: str = ""
     topic_partitions: int = Field(default=4, ge=1)
+    #: Replicas of every topic borderflow or Faust creates (contract topics, changelogs):
+    #: 1 on a single broker (Tansu, compose); 3 on a production cluster.
+    topic_replication_factor: int = Field(default=1, ge=1)
 
     # --- Faust worker --------------------------------------------------------------------
     app_id: str = "borderflow"

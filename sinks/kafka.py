@@ -67,7 +67,14 @@ def ensure_topics(
         return []
     count = partitions if partitions is not None else settings.topic_partitions
     futures = admin.create_topics(
-        [NewTopic(name, num_partitions=count, replication_factor=1) for name in missing],
+        [
+            NewTopic(
+                name,
+                num_partitions=count,
+                replication_factor=settings.topic_replication_factor,
+            )
+            for name in missing
+        ],
         operation_timeout=timeout_s,
         request_timeout=timeout_s,
     )

@@ -24,3 +24,9 @@ def test_faust_keeps_its_data_under_the_stack_folder_not_the_working_directory(
     assert (tmp_path / "stack" / "faust").is_dir()  # Faust itself creates only the last level
     elsewhere = Settings(app_id="bf-data-test", data_dir=tmp_path / "disk")
     assert elsewhere.faust_datadir() == tmp_path / "disk" / "bf-data-test"
+
+
+def test_topics_faust_creates_get_the_configured_replication() -> None:
+    assert build_app(Settings()).conf.topic_replication_factor == 1
+    production = build_app(Settings(topic_replication_factor=3, topic_partitions=24)).conf
+    assert (production.topic_replication_factor, production.topic_partitions) == (3, 24)
