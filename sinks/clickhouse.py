@@ -284,7 +284,8 @@ class ClickHouseWriter:
                             pass
                     client = None
                     time.sleep(backoff)
-                    backoff = min(backoff * 2, 30.0)
+                    # Capped low: after an outage the first insert waits at most this long.
+                    backoff = min(backoff * 2, 5.0)
             backoff = 0.2
             self.retrying = False
             for callback in batch.callbacks:

@@ -21,14 +21,23 @@ next owner reads a position that includes them.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
 import faust
+from clickhouse_driver.errors import NetworkError, SocketTimeoutError
 
 from schemas.config import Settings
 from sinks.clickhouse import FACT_TABLES, clickhouse_client
+
+log = logging.getLogger(__name__)
+
+#: ClickHouse not answering (stopped, restarting, network): the read is retried.
+UNREACHABLE: tuple[type[BaseException], ...] = (NetworkError, SocketTimeoutError, OSError, EOFError)
+READ_RETRY_INITIAL_S = 0.2
+READ_RETRY_MAX_S = 5.0
 
 
 class SinkPositions:
@@ -54,11 +63,30 @@ class SinkPositions:
             {p for p in partitions for table in tables if (table, p) not in self._known}
         )
         if missing:
-            found = await asyncio.to_thread(self._read, tables, missing)
+            found = await self._read_until_answered(tables, missing)
             for table in tables:
                 for partition in missing:
                     self._known[(table, partition)] = found.get((table, partition), 0)
         return FactRows(self, tables)
+
+    async def _read_until_answered(
+        self, tables: Iterable[str], partitions: list[int]
+    ) -> dict[tuple[str, int], int]:
+        """The positions, waiting (backoff up to ``READ_RETRY_MAX_S``) while ClickHouse is
+        unreachable: a batch must not write facts without knowing them, nor fail."""
+        delay = READ_RETRY_INITIAL_S
+        warned = False
+        while True:
+            try:
+                return await asyncio.to_thread(self._read, tables, partitions)
+            except UNREACHABLE as exc:
+                if not warned:
+                    log.warning(
+                        "ClickHouse unreachable for the written positions, retrying: %s", exc
+                    )
+                    warned = True
+                await asyncio.sleep(delay)
+                delay = min(READ_RETRY_MAX_S, delay * 2)
 
     def position(self, table: str, partition: int) -> int:
         return self._known.get((table, partition), 0)

@@ -485,8 +485,9 @@ def micro_batches(
     once when the agent is free. Only an idle agent waits, for the first event and then at
     most ``batch_within_s`` for more. So a light load gets small batches soon, a heavy one
     batches that grow until they amortise the per-batch work (up to ``batch_max_events``).
-    Events are acknowledged when the agent asks for the next batch (also after an error),
-    like Faust's ``take_events``; see :func:`adaptive_batches`.
+    Events are acknowledged when the agent asks for the next batch; a batch whose processing
+    raised is *not* acknowledged (unlike Faust's ``take_events``), so its offsets are never
+    committed and a restart processes it again; see :func:`adaptive_batches`.
     """
     faust_stream = cast(faust.Stream, stream)
     batches: AsyncIterator[Sequence[faust.EventT]] = adaptive_batches(
@@ -524,8 +525,11 @@ async def adaptive_batches(
     processed, and a batch is taken when it has ``max_events`` events or when its first event
     has waited ``max_wait_s`` (at once if that passed while the caller was busy). Otherwise
     the same contract: at most ``max_events`` per batch (the stream pauses while the next
-    batch is full), acks off while buffering, each batch's events acked after the caller is
-    done with it (in a ``finally``, so also when the body raised).
+    batch is full), acks off while buffering, each batch's events acked when the caller asks
+    for the next one. A batch the caller did not finish (its body raised, or the agent was
+    cancelled mid-batch) is not acked: Faust then never commits past it, so nothing it held
+    is lost (``take_events`` acks it in a ``finally``, which loses the batch when a sink
+    raised half-way).
     """
     loop = asyncio.get_running_loop()
     pending: list[faust.EventT] = []
@@ -571,9 +575,15 @@ async def adaptive_batches(
             room.set()
             try:
                 yield batch
-            finally:
-                for event in batch:
-                    await stream.ack(event)
+            except GeneratorExit:
+                log.error(
+                    "a micro-batch of %d events was not finished; not acknowledged, so its "
+                    "offsets stay uncommitted until a restart processes it again",
+                    len(batch),
+                )
+                raise
+            for event in batch:
+                await stream.ack(event)
     finally:
         stream.enable_acks = enable_acks
         stream._processors.remove(add_to_buffer)
