@@ -66,9 +66,9 @@ migrate: setup ## Apply ClickHouse migrations (to BORDERFLOW_CLICKHOUSE_*; no st
 test: setup up migrate ## Start the stack, migrate, run the whole test suite.
 	$(PYTHON) -m pytest -q
 
-# Hostile input through Kafka to a real worker (tests marked `chaos`, which `make test` leaves
-# out); prints one JSON summary line. BORDERFLOW_CHAOS_EVENTS sets the events per topic.
-chaos: setup up migrate ## Start the stack, migrate, send 100k hostile events per topic to a worker.
+# Faults against a real worker (tests marked `chaos`, which `make test` leaves out): hostile
+# input, Redis and ClickHouse outages. Each prints one JSON line.
+chaos: setup up migrate ## Start the stack, migrate, run the chaos tests (hostile input, outages).
 	$(PYTHON) -m pytest -q -s -m chaos tests/chaos
 
 demo: setup up migrate ## Start the stack, migrate, run the demo.
