@@ -165,6 +165,20 @@ def test_category_affinity_boost_reorders_candidates() -> None:
     assert ranked(weak) == ["book", "shoe"]
 
 
+def test_affinity_boost_can_lift_a_candidate_into_a_short_list() -> None:
+    r = SessionRecommender(popularity_weight=0.0)
+    cats = {"shoe": "shoes", "sandal": "shoes"}
+    for item, sessions in {"b0": 8, "b1": 7, "b2": 6, "b3": 2, "shoe": 5, "sandal": 2}.items():
+        for _ in range(sessions):
+            play(r, ["a", item], categories=cats)
+    assert ranked(r.recommend(["a"], country="DE", n=3)) == ["b0", "b1", "b2"]
+    taste = [("shoes", 1.0)]  # x1.5: shoe (5) passes b1 (7), sandal (2) reaches nothing
+    short = r.recommend(["a"], country="DE", n=3, top_categories=taste)
+    assert ranked(short) == ["b0", "shoe", "b1"]
+    # The same as the head of the whole boosted list.
+    assert short == r.recommend(["a"], country="DE", n=6, top_categories=taste)[:3]
+
+
 def test_neighbours_per_item_are_bounded_and_keep_the_strongest() -> None:
     r = SessionRecommender(neighbours_per_item=5)
     for _ in range(20):
