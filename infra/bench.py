@@ -40,6 +40,7 @@ from infra.migrate import migrate
 from infra.processes import (
     WorkerProcess,
     isolated,
+    per_worker_processed,
     processed_total,
     start_worker,
     wait_processed,
@@ -194,23 +195,6 @@ def warm_up(settings: Settings, workers: list[WorkerProcess], timeout_s: float =
             raise click.ClickException("bench workers did not all get partitions in time")
         time.sleep(1.0)
     raise AssertionError("unreachable")
-
-
-def per_worker_processed(settings: Settings) -> dict[str, int]:
-    """Events processed per worker (``stats:processed:{host}:{pid}``) of this app's prefix."""
-
-    async def read() -> dict[str, int]:
-        store = RedisStore(settings)
-        try:
-            counts: dict[str, int] = {}
-            async for key in store.client.scan_iter(match=f"{store.stats_key()}:*"):
-                values = await store.client.hgetall(key)
-                counts[key.decode()] = sum(int(v) for v in values.values())
-            return counts
-        finally:
-            await store.aclose()
-
-    return asyncio.run(read())
 
 
 def _percentiles(samples: list[float]) -> dict[str, float | int]:

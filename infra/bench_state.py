@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -180,11 +179,8 @@ def _drop_redis(settings: Settings) -> None:
         store = RedisStore(settings)
         try:
             keys = [k async for k in store.client.scan_iter(match=f"{settings.redis_prefix}*")]
-            by_chunk: dict[int, list[Any]] = defaultdict(list)
-            for i, key in enumerate(keys):
-                by_chunk[i // 1000].append(key)
-            for chunk in by_chunk.values():
-                await store.client.delete(*chunk)
+            for start in range(0, len(keys), 1000):
+                await store.client.delete(*keys[start : start + 1000])
         finally:
             await store.aclose()
 

@@ -86,6 +86,23 @@ def processed_total(settings: Settings) -> int:
     return asyncio.run(read())
 
 
+def per_worker_processed(settings: Settings) -> dict[str, int]:
+    """Events processed per worker (``stats:processed:{host}:{pid}``) of this app's prefix."""
+
+    async def read() -> dict[str, int]:
+        store = RedisStore(settings)
+        try:
+            counts: dict[str, int] = {}
+            async for key in store.client.scan_iter(match=f"{store.stats_key()}:*"):
+                values = await store.client.hgetall(key)
+                counts[key.decode()] = sum(int(v) for v in values.values())
+            return counts
+        finally:
+            await store.aclose()
+
+    return asyncio.run(read())
+
+
 def wait_processed(
     settings: Settings,
     expected: int,

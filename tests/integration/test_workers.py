@@ -2,35 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from pathlib import Path
 
 import pytest
 
 from infra.migrate import clickhouse_client, migrate
-from infra.processes import isolated, start_worker, wait_processed
+from infra.processes import isolated, per_worker_processed, start_worker, wait_processed
 from schemas.config import Settings
 from sinks.kafka import ensure_topics
-from sinks.redis_store import RedisStore
 from tests.integration.test_pipeline import TOPICS, click, payment, send, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-def per_worker_counts(settings: Settings) -> dict[str, int]:
-    async def read() -> dict[str, int]:
-        store = RedisStore(settings)
-        try:
-            counts = {}
-            async for key in store.client.scan_iter(match=f"{store.stats_key()}:*"):
-                values = await store.client.hgetall(key)
-                counts[key.decode()] = sum(int(v) for v in values.values())
-            return counts
-        finally:
-            await store.aclose()
-
-    return asyncio.run(read())
 
 
 def test_two_workers_share_the_partitions(stack: Settings, tmp_path: Path) -> None:
@@ -46,14 +29,14 @@ def test_two_workers_share_the_partitions(stack: Settings, tmp_path: Path) -> No
             send(settings, "clicks", *[click(u, f"{u}-warm{round_no}", 0) for u in users])
             sent += len(users)
             wait_processed(settings, sent, workers[0], timeout_s=120)
-            if len(per_worker_counts(settings)) == 2:
+            if len(per_worker_processed(settings)) == 2:
                 break
         send(settings, "clicks", *[click(u, f"{u}-{i}", i) for u in users for i in range(1, 6)])
         send(settings, "payments", *[payment(u, f"{u}-p", 30, 15.0) for u in users])
         total = sent + len(users) * 6
         wait_processed(settings, total, workers[0], timeout_s=120)
         assert all(w.process.poll() is None for w in workers)
-        counts = per_worker_counts(settings)
+        counts = per_worker_processed(settings)
         # At-least-once: a batch caught in the rebalance may be counted twice, never lost.
         assert sum(counts.values()) >= total
         assert len(counts) == 2 and all(c > 0 for c in counts.values()), counts
