@@ -51,10 +51,14 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable, Iterator, Sequence
+import sys
+from collections.abc import Iterable, Sequence
 from operator import itemgetter
+from typing import TypeVar
 
 from models.decay import GrowingWeight
+
+_Key = TypeVar("_Key")
 
 GLOBAL = "*"
 #: How much an interaction says about interest, by click type.
@@ -67,6 +71,8 @@ PREFIX_KEY = 8
 CALIBRATION_CANDIDATES = 50
 CALIBRATION_SESSIONS = 2000
 CALIBRATE_EVERY = 8
+#: Sort key of the final ranking: score, then item id (both descending).
+_SCORE_THEN_ID = itemgetter(1, 0)
 
 
 class SessionRecommender:
@@ -139,6 +145,37 @@ class SessionRecommender:
         self._pending: dict[object, dict[str, tuple[float, float]]] = {}
         self._calibration_clock = 0
 
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._share_item_ids()
+
+    def _share_item_ids(self) -> None:
+        """Make every item id in the learned tables one shared string (``sys.intern``).
+
+        ``observe`` interns what it stores; an image (pickled by any version) is shared
+        again here. The tables are the same, but the candidate loops of ``recommend`` then
+        touch a few thousand string objects instead of one per remembered click, which
+        keeps them in the CPU cache (about 10% of a recommendation), and memory holds each
+        id once."""
+        share = _shared
+        self.cooccurrence = {
+            share(source): {share(target): value for target, value in row.items()}
+            for source, row in self.cooccurrence.items()
+        }
+        self.followed = {share(item_id): value for item_id, value in self.followed.items()}
+        self.popularity = {
+            key: {share(item_id): value for item_id, value in counts.items()}
+            for key, counts in self.popularity.items()
+        }
+        self.item_category = {share(item_id): c for item_id, c in self.item_category.items()}
+        self._top_cache = {key: [share(i) for i in top] for key, top in self._top_cache.items()}
+        self.sessions = {sid: [share(i) for i in items] for sid, items in self.sessions.items()}
+        self.item_sessions = {share(item_id): ids for item_id, ids in self.item_sessions.items()}
+        self._pending = {
+            key: {share(item_id): said for item_id, said in candidates.items()}
+            for key, candidates in self._pending.items()
+        }
+
     # -- learning -------------------------------------------------------------------------------
     def observe(
         self,
@@ -161,6 +198,8 @@ class SessionRecommender:
         session memory (a user without consent to personalisation): it still counts towards
         the item's popularity and the links from ``session_items``.
         """
+        # One string object per item id in everything learned (see _share_item_ids).
+        item_id = _shared(item_id)
         if self._weight.needs_rebase(ts_ms):
             self._rescale(self._weight.rebase(ts_ms))
         weight = self._weight.weight(ts_ms)
@@ -191,9 +230,9 @@ class SessionRecommender:
                 if previous == item_id:
                     self.revisit_hits[distance] += weight
         if session_items and session_items[-1] != item_id:
-            last = session_items[-1]
+            last = _shared(session_items[-1])
             self.followed[last] = self.followed.get(last, 0.0) + weight
-        recent = [i for i in session_items[-self.window :] if i != item_id]
+        recent = [_shared(i) for i in session_items[-self.window :] if i != item_id]
         for distance, previous in enumerate(reversed(recent), start=1):
             step = weight / distance
             self._bump(previous, item_id, step)
@@ -219,7 +258,7 @@ class SessionRecommender:
             if session_id is None:
                 # A record of what is known of the session: its items so far.
                 for previous in dict.fromkeys(session_items[-self.session_length :]):
-                    self._index(sid, items, previous)
+                    self._index(sid, items, _shared(previous))
             if len(self.sessions) > self.max_sessions:
                 oldest = next(iter(self.sessions))
                 del self.sessions[oldest]
@@ -341,11 +380,12 @@ class SessionRecommender:
         excluded = set(exclude)
         taste = dict(top_categories) if personalised else {}
         scores = self._session_scores(session_items, session_id) if personalised else {}
-        if taste:
-            self._boost(scores, taste)
         for item_id in excluded:
             scores.pop(item_id, None)
-        best = heapq.nlargest(n, scores.items(), key=lambda kv: (kv[1], kv[0]))
+        if taste:
+            best = self._best_boosted(scores, taste, n)
+        else:
+            best = _best_by_score_then_id(scores, n)
         if len(best) < n and (not best or self.popularity_weight > 0):
             best += self._fillers(country, n - len(best), best, excluded, taste)
         return [(item_id, _significant(score)) for item_id, score in best]
@@ -353,19 +393,46 @@ class SessionRecommender:
     def _session_scores(
         self, session_items: Sequence[str], session_id: str | None = None
     ) -> dict[str, float]:
-        """Estimated probability of each candidate being the next click (see the module doc)."""
-        revisits, parts = self._components(session_items, session_id)
+        """Estimated probability of each candidate being the next click (see the module doc).
+
+        Each source is normalised to a distribution on the fly (``value / total``), in the
+        same pass that adds it to the scores and to the calibration candidates."""
+        revisits, transitions, neighbours = self._sources(session_items, session_id)
         scores = dict(revisits)
         rest = max(0.0, 1.0 - sum(revisits.values()))
-        mix = self.mixture()
-        for part, share in zip(parts, mix, strict=False):
-            if share <= 0.0:
-                continue
-            scale = rest * share
-            for target, p in part.items():
-                scores[target] = scores.get(target, 0.0) + scale * p
+        #: Each candidate's summed probability over both sources (for the calibration).
+        combined: dict[str, float] = {}
+        # locals: these loops run per candidate (hundreds per call)
+        score_of, combined_of = scores.get, combined.get
+        trans_share, neigh_share, _ = self.mixture()
+        trans_total = _distribution_total(transitions)
+        if trans_total is not None:
+            scale = rest * trans_share
+            add = trans_share > 0.0
+            for target, value in transitions.items():
+                p = value / trans_total
+                combined[target] = p
+                if add:
+                    scores[target] = score_of(target, 0.0) + scale * p
+        neigh_total = _distribution_total(neighbours)
+        if neigh_total is not None:
+            scale = rest * neigh_share
+            add = neigh_share > 0.0
+            for target, value in neighbours.items():
+                p = value / neigh_total
+                combined[target] = combined_of(target, 0.0) + p
+                if add:
+                    scores[target] = score_of(target, 0.0) + scale * p
         if session_items:
-            self._remember_candidates(self._session_key(session_items, session_id), parts)
+            best = _best_keys(combined, CALIBRATION_CANDIDATES)
+            said = {
+                item_id: (
+                    _share(transitions, trans_total, item_id),
+                    _share(neighbours, neigh_total, item_id),
+                )
+                for item_id in best
+            }
+            self._remember_candidates(self._session_key(session_items, session_id), said)
         return scores
 
     def mixture(self) -> tuple[float, float, float]:
@@ -380,40 +447,38 @@ class SessionRecommender:
         total = sum(counts)
         return (counts[0] / total, counts[1] / total, counts[2] / total)
 
-    def _components(
+    def _sources(
         self, session_items: Sequence[str], session_id: str | None
-    ) -> tuple[dict[str, float], tuple[dict[str, float], dict[str, float]]]:
-        """Re-visit probabilities, and the transition and neighbourhood distributions of the
-        next item (each normalised to sum 1)."""
+    ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        """Re-visit probabilities, and the transition and neighbourhood scores of the next
+        item (not normalised: :func:`_distribution_total` gives each one's total)."""
+        recent = _distinct_recent(session_items, self.revisit_depth)
         revisits: dict[str, float] = {}
-        for distance, previous in _distinct_recent(session_items, self.revisit_depth):
-            hits = self.revisit_hits[distance]
+        hits_at, chances_at, now = self.revisit_hits, self.revisit_chances, self._now
+        for distance, previous in recent:
+            hits = hits_at[distance]
             if hits > 0:
-                revisits[previous] = hits / (self.revisit_chances[distance] + self._now)
-        parts = (
-            _normalised(self._transition_scores(session_items)),
-            _normalised(self._neighbour_scores(session_items, session_id)),
-        )
-        return revisits, parts
+                revisits[previous] = hits / (chances_at[distance] + now)
+        transitions = self._transition_scores(_distinct_recent(session_items, self.window))
+        neighbours = self._neighbour_scores(recent, self._own_session(session_items, session_id))
+        return revisits, transitions, neighbours
 
     def _session_key(self, session_items: Sequence[str], session_id: str | None) -> object:
         return session_id if session_id is not None else _prefix_key(session_items)
 
-    def _remember_candidates(
-        self, key: object, parts: tuple[dict[str, float], dict[str, float]]
-    ) -> None:
+    def _own_session(self, session_items: Sequence[str], session_id: str | None) -> int | None:
+        """The id of the session being recommended for, if remembered (not its own neighbour)."""
+        if session_id is not None:
+            return self._open.get(session_id)
+        return self._open.get(_prefix_key(session_items)) if session_items else None
+
+    def _remember_candidates(self, key: object, said: dict[str, tuple[float, float]]) -> None:
         """Keep what each source said about the strongest candidates until the next click."""
-        keep = CALIBRATION_CANDIDATES
-        trans, neigh = parts
-        combined = dict(trans)
-        for item_id, p in neigh.items():
-            combined[item_id] = combined.get(item_id, 0.0) + p
-        # Ties keep insertion order (deterministic); no per-item key tuple on the hot path.
-        best = [i for i, _ in heapq.nlargest(keep, combined.items(), key=itemgetter(1))]
-        self._pending.pop(key, None)
-        self._pending[key] = {i: (trans.get(i, 0.0), neigh.get(i, 0.0)) for i in best}
-        if len(self._pending) > CALIBRATION_SESSIONS:
-            del self._pending[next(iter(self._pending))]
+        pending = self._pending
+        pending.pop(key, None)
+        pending[key] = said
+        if len(pending) > CALIBRATION_SESSIONS:
+            del pending[next(iter(pending))]
 
     def _calibrate(
         self, session_items: Sequence[str], item_id: str, session_id: str | None, weight: float
@@ -427,8 +492,9 @@ class SessionRecommender:
             self._calibration_clock += 1
             if self._calibration_clock % CALIBRATE_EVERY:
                 return
-            _, (trans, neigh) = self._components(session_items, session_id)
-            p_trans, p_neigh = trans.get(item_id, 0.0), neigh.get(item_id, 0.0)
+            _, transitions, neighbours = self._sources(session_items, session_id)
+            p_trans = _share(transitions, _distribution_total(transitions), item_id)
+            p_neigh = _share(neighbours, _distribution_total(neighbours), item_id)
         else:
             p_trans, p_neigh = said.get(item_id, (0.0, 0.0))
         share = self.mixture()
@@ -438,75 +504,105 @@ class SessionRecommender:
         for i, value in enumerate(likelihood):
             self.mix_counts[i] += weight * value / total
 
-    def _transition_scores(self, session_items: Sequence[str]) -> dict[str, float]:
+    def _transition_scores(self, recent: list[tuple[int, str]]) -> dict[str, float]:
+        """Links from the session's ``recent`` (rank, item), each source's row scaled."""
         scores: dict[str, float] = {}
+        score_of = scores.get
         pseudo = self.shrinkage * self._now
-        for rank, source in _distinct_recent(session_items, self.window):
-            row = self.cooccurrence.get(source)
+        cooccurrence, followed = self.cooccurrence, self.followed
+        for rank, source in recent:
+            row = cooccurrence.get(source)
             if not row:
                 continue
-            scale = 1.0 / (rank * rank * (self.followed.get(source, 0.0) + pseudo))
-            for target, value in row.items():
-                scores[target] = scores.get(target, 0.0) + scale * value
+            scale = 1.0 / (rank * rank * (followed.get(source, 0.0) + pseudo))
+            for target, value in row.items():  # locals: runs per link (hundreds per call)
+                scores[target] = score_of(target, 0.0) + scale * value
         return scores
 
-    def _neighbour_scores(
-        self, session_items: Sequence[str], session_id: str | None
-    ) -> dict[str, float]:
-        """V-SKNN: items of the past sessions most similar to this one.
+    def _neighbour_scores(self, recent: list[tuple[int, str]], own: int | None) -> dict[str, float]:
+        """V-SKNN: items of the past sessions most similar to this one (``recent``: its
+        distinct (distance, item), the last first; ``own``: its id, which is no neighbour).
 
         A past session's similarity is the sum of ``1/d`` over the items it shares with the
         current session (``d``: 1 for the last distinct item, 2 for the one before...),
         decayed by its age in event time (the recommender's half-life, as in STAN); the
         ``neighbour_sessions`` most similar vote for their items with their similarity.
         """
-        if session_id is not None:
-            own = self._open.get(session_id)
-        else:
-            own = self._open.get(_prefix_key(session_items)) if session_items else None
         similarity: dict[int, float] = {}
+        similarity_of = similarity.get
         sample = self.sessions_per_item
-        current: set[str] = set()
-        for distance, item_id in _distinct_recent(session_items, self.revisit_depth):
-            current.add(item_id)
-            ids = self.item_sessions.get(item_id)
+        item_sessions = self.item_sessions
+        for distance, item_id in recent:
+            ids = item_sessions.get(item_id)
             if not ids:
                 continue
             weight = 1.0 / distance
-            for sid in ids[-sample:] if len(ids) > sample else ids:
-                similarity[sid] = similarity.get(sid, 0.0) + weight
+            if len(ids) > sample:
+                ids = ids[-sample:]
+            if not similarity:
+                # The first item's sessions all start at its weight (an item lists each
+                # session once: see _index); built in C.
+                similarity = dict.fromkeys(ids, weight)
+                similarity_of = similarity.get
+                continue
+            for sid in ids:  # locals: runs per session id (hundreds per call)
+                similarity[sid] = similarity_of(sid, 0.0) + weight
         similarity.pop(own, None)  # type: ignore[arg-type]
         if not similarity:
             return {}
         if len(similarity) > self.neighbour_sessions:
-            nearest = heapq.nlargest(
-                self.neighbour_sessions, similarity, key=similarity.__getitem__
-            )
+            nearest = _best_keys(similarity, self.neighbour_sessions)
         else:
             nearest = list(similarity)
         latest = self._latest_ms or 0
         half_life = self._weight.half_life_ms
-        sessions = self.sessions
-        stamps = self.session_ts
+        sessions, stamps, exp2 = self.sessions, self.session_ts, math.exp2
         scores: dict[str, float] = {}
+        score_of = scores.get
         for sid in nearest:
             items = sessions.get(sid)
             if not items:
                 continue  # forgotten (bounded memory)
-            vote = similarity[sid] * math.exp2(min(0.0, stamps[sid] - latest) / half_life)
+            age = stamps[sid] - latest  # min(0.0, age) without a call: runs per neighbour
+            vote = similarity[sid] * exp2((age if age < 0 else 0.0) / half_life)
             if vote <= 0.0:
                 continue
-            for item_id in items:
-                if item_id not in current:
-                    scores[item_id] = scores.get(item_id, 0.0) + vote
+            for item_id in items:  # locals: runs per item of each neighbour (~1000 per call)
+                scores[item_id] = score_of(item_id, 0.0) + vote
+        # The current session's own items get no vote. Dropping them afterwards is cheaper
+        # than a test per vote, and leaves the others' values and order as they are.
+        for _, item_id in recent:
+            scores.pop(item_id, None)
         return scores
 
-    def _boost(self, scores: dict[str, float], taste: dict[str, float]) -> None:
+    def _best_boosted(
+        self, scores: dict[str, float], taste: dict[str, float], n: int
+    ) -> list[tuple[str, float]]:
+        """The best ``n`` of ``scores`` after :meth:`_boost`, boosting only the candidates
+        that can still reach them.
+
+        When no factor is below 1 a boost only raises a score (``scores`` are >= 0), by at
+        most the ``highest`` factor. The ``n`` candidates whose plain score reaches the
+        ``n``-th best plain score keep at least that much, so one whose score times
+        ``highest`` stays below it cannot be among the best ``n``: most candidates are
+        dropped before looking up their categories (rounding is monotonic, so this holds
+        for the floating-point products too)."""
+        factors = self._taste_factors(taste)
+        if 0 < n < len(scores) and min(factors.values()) >= 1.0:
+            highest = max(factors.values())
+            reach = sorted(scores.values(), reverse=True)[n - 1]
+            scores = {item_id: s for item_id, s in scores.items() if s * highest >= reach}
+        _apply_factors(scores, factors, self.item_category)
+        return _best_by_score_then_id(scores, n)
+
+    def _taste_factors(self, taste: dict[str, float]) -> dict[str, float]:
+        """category -> what a candidate of that category is multiplied by."""
         strongest = max(taste.values()) or 1.0
-        for item_id in scores:
-            category = self.item_category.get(item_id)
-            if category in taste:
-                scores[item_id] *= 1.0 + self.affinity_boost * taste[category] / strongest
+        boost = self.affinity_boost
+        return {category: 1.0 + boost * value / strongest for category, value in taste.items()}
+
+    def _boost(self, scores: dict[str, float], taste: dict[str, float]) -> None:
+        _apply_factors(scores, self._taste_factors(taste), self.item_category)
 
     def _fillers(
         self,
@@ -531,22 +627,76 @@ class SessionRecommender:
         return [(item_id, scale * value / best) for item_id, value in ranked]
 
 
-def _distinct_recent(session_items: Sequence[str], limit: int) -> Iterator[tuple[int, str]]:
+def _shared(item_id: str) -> str:
+    """The one shared object of this item id (``sys.intern``; only plain ``str`` can be)."""
+    return sys.intern(item_id) if type(item_id) is str else item_id
+
+
+def _apply_factors(
+    scores: dict[str, float], factors: dict[str, float], item_category: dict[str, str]
+) -> None:
+    """Multiply each candidate's score by its category's factor (if it has one)."""
+    category_of = item_category.get
+    for item_id, score in scores.items():  # locals: runs per candidate
+        factor = factors.get(category_of(item_id))  # type: ignore[arg-type]
+        if factor is not None:
+            scores[item_id] = score * factor  # an existing key: the dict keeps its size
+
+
+def _distinct_recent(session_items: Sequence[str], limit: int) -> list[tuple[int, str]]:
     """(distance, item) for the ``limit`` most recent distinct items, the last one first."""
-    seen: set[str] = set()
+    recent: list[str] = []
     for item_id in reversed(session_items):
-        if item_id not in seen:
-            seen.add(item_id)
-            yield len(seen), item_id
-            if len(seen) >= limit:
-                return
+        if item_id not in recent:  # a short list: faster than a set at these sizes
+            recent.append(item_id)
+            if len(recent) >= limit:
+                break
+    return list(enumerate(recent, start=1))
 
 
-def _normalised(scores: dict[str, float]) -> dict[str, float]:
+def _distribution_total(scores: dict[str, float]) -> float | None:
+    """What ``scores`` are divided by to make a distribution (each value over the sum);
+    None when the sum is not positive: the source then proposes nothing."""
     total = sum(scores.values())
-    if total <= 0.0:
-        return {}
-    return {item_id: value / total for item_id, value in scores.items()}
+    return None if total <= 0.0 else total
+
+
+def _share(scores: dict[str, float], total: float | None, item_id: str) -> float:
+    """``item_id``'s probability in ``scores`` normalised by ``total``."""
+    if total is None:
+        return 0.0
+    value = scores.get(item_id)
+    return 0.0 if value is None else value / total
+
+
+def _best_keys(scores: dict[_Key, float], n: int) -> list[_Key]:
+    """Same as ``heapq.nlargest(n, scores, key=scores.__getitem__)``: the ``n`` keys of
+    highest value, best first, ties in insertion order (a stable sort keeps it, also with
+    ``reverse``). The cutoff comes from sorting bare floats (in C), so only the few keys
+    that reach it are sorted by a key function."""
+    if n <= 0:
+        return []
+    if n < len(scores):
+        cutoff = sorted(scores.values(), reverse=True)[n - 1]
+        keys = [key for key, value in scores.items() if value >= cutoff]
+    else:
+        keys = list(scores)
+    keys.sort(key=scores.__getitem__, reverse=True)
+    return keys[:n]
+
+
+def _best_by_score_then_id(scores: dict[str, float], n: int) -> list[tuple[str, float]]:
+    """Same as ``heapq.nlargest(n, scores.items(), key=lambda kv: (kv[1], kv[0]))``, with the
+    cutoff found among bare floats first (see :func:`_best_keys`)."""
+    if n <= 0:
+        return []
+    if n < len(scores):
+        cutoff = sorted(scores.values(), reverse=True)[n - 1]
+        best = [kv for kv in scores.items() if kv[1] >= cutoff]
+    else:
+        best = list(scores.items())
+    best.sort(key=_SCORE_THEN_ID, reverse=True)
+    return best[:n]
 
 
 def _prefix_key(items: Sequence[str]) -> tuple[str, ...]:

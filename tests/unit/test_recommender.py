@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import heapq
+import pickle
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from models.recommender import GLOBAL, SessionRecommender
+from models.recommender import GLOBAL, SessionRecommender, _best_by_score_then_id, _best_keys
 
 T0 = 1_767_225_600_000
 DAY = 86_400_000
@@ -329,3 +333,40 @@ def test_mixture_learns_which_source_predicts_new_items() -> None:
     transitions, neighbours, other = r.mixture()
     # "other" keeps some credit: with a two-item catalog chance is 1/2
     assert other < 0.15 < 0.85 < transitions + neighbours
+
+
+# The ranking helpers replace heapq.nlargest on the hot path: same result, ties included.
+_SCORES = st.dictionaries(
+    st.text(alphabet="abcdef", min_size=1, max_size=3),
+    st.sampled_from([0.0, 0.25, 0.5, 1.0, 2.0]) | st.floats(0, 10, allow_nan=False),
+    max_size=40,
+)
+
+
+@given(scores=_SCORES, n=st.integers(0, 45))
+def test_best_keys_is_nlargest_with_ties_in_insertion_order(
+    scores: dict[str, float], n: int
+) -> None:
+    assert _best_keys(scores, n) == heapq.nlargest(n, scores, key=scores.__getitem__)
+
+
+@given(scores=_SCORES, n=st.integers(0, 45))
+def test_best_by_score_then_id_is_nlargest_of_score_and_id(
+    scores: dict[str, float], n: int
+) -> None:
+    expected = heapq.nlargest(n, scores.items(), key=lambda kv: (kv[1], kv[0]))
+    assert _best_by_score_then_id(scores, n) == expected
+
+
+def test_interned_image_recommends_the_same_after_a_pickle_round_trip() -> None:
+    r = SessionRecommender()
+    cats = {"a": "x", "b": "y", "c": "x"}
+    for items in (["a", "b", "c"], ["b", "c", "d"], ["a", "c"], ["c", "d", "a"]):
+        # Ids built at run time, as decoded from JSON: a new string object per click.
+        play(r, ["".join(list(i)) for i in items], categories=cats)
+    before = r.recommend(["a", "c"], country="DE", n=5, top_categories=[("x", 1.0)])
+    copy = pickle.loads(pickle.dumps(r))
+    assert copy.recommend(["a", "c"], country="DE", n=5, top_categories=[("x", 1.0)]) == before
+    # Item ids in the restored tables are shared objects again (one per id).
+    restored = [i for items in copy.sessions.values() for i in items if i == "c"]
+    assert len(restored) > 1 and all(i is restored[0] for i in restored)
