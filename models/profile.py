@@ -87,6 +87,11 @@ class UserProfile:
     #: ``recent_event_ids`` was applied (aligned at the end: profiles stored before positions
     #: were kept have fewer positions than ids, and their older ids have no known position).
     recent_event_positions: list[list[int]] = field(default_factory=list)
+    #: [partition, offset] of the furthest click applied (empty before the first one with a
+    #: known position). A user's clicks come from one partition in offset order, so a click at
+    #: or before it was applied already: a replay after a crash is recognised even when more
+    #: of the user's clicks were replayed than ``recent_event_ids`` remembers.
+    applied_through: list[int] = field(default_factory=list)
     personalisation: bool = True
     last_purchase_ts: int = 0
     #: RFM segment (models.segments): "high-value", "dynamic", "growth"; "" before a purchase.
@@ -124,6 +129,14 @@ class UserProfile:
         self.scored[event_id] = [rank, recs_size, personalised, served_at_ts]
         if len(self.scored) > RECENT_EVENT_IDS:
             del self.scored[next(iter(self.scored))]
+
+    def covers(self, position: tuple[int, int] | None) -> bool:
+        """Whether the click at ``position`` (partition, offset) was applied already (it is
+        at or before :attr:`applied_through` on the same partition)."""
+        if position is None or not self.applied_through:
+            return False
+        partition, offset = self.applied_through
+        return position[0] == partition and position[1] <= offset
 
     def position_of(self, event_id: str) -> tuple[int, int] | None:
         """The Kafka (partition, offset) at which a remembered event was applied; None when
@@ -245,14 +258,19 @@ def apply_click(
     """Fold one click into ``profile``; False when the event was already applied.
 
     ``position`` is the click's Kafka (partition, offset), remembered with its id (see
-    :meth:`UserProfile.position_of`).
+    :meth:`UserProfile.position_of`); a click at or before the furthest position applied
+    (:meth:`UserProfile.covers`) is a replay whatever its id.
     """
     ids = profile.recent_event_ids
-    if event.event_id in ids:
+    if event.event_id in ids or profile.covers(position):
         return False
     positions = profile.recent_event_positions
     ids.append(event.event_id)
     positions.append(list(position or UNKNOWN_POSITION))
+    if position is not None:
+        # The partition changes only when the topic's partitions were changed: then the new
+        # partition's offsets are the ones to compare with.
+        profile.applied_through = [position[0], position[1]]
     if len(ids) > RECENT_EVENT_IDS:
         del ids[0]
     if len(positions) > len(ids):
@@ -376,7 +394,48 @@ def price_band_of(price_usd: float) -> str:
     return name
 
 
-def record_scan(profile: UserProfile, ts: int, event_id: str, open_shipments: int) -> None:
+#: The profile's delivery-experience fields. The logistics agent keeps their truth in the
+#: user's shipment book (:class:`DeliveryExperience`, one table record with the scans it
+#: counts) and copies it into the profile: a crash between the two tables' changelog writes
+#: then heals when the scan is read again, whichever of the two records got out.
+EXPERIENCE_FIELDS = (
+    "open_shipments", "deliveries", "delivery_days_total", "late_deliveries",
+    "returned_shipments", "last_scan_ts", "last_scan_id",
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class DeliveryExperience:
+    """A user's delivery experience, as counted from the scans of their shipment book."""
+
+    open_shipments: int = 0
+    deliveries: int = 0
+    delivery_days_total: float = 0.0
+    late_deliveries: int = 0
+    returned_shipments: int = 0
+    last_scan_ts: int = 0
+    last_scan_id: str = ""
+
+    @classmethod
+    def of(cls, profile: UserProfile) -> DeliveryExperience:
+        """The experience a profile holds (what a book written before books kept it starts
+        from)."""
+        return cls(**{name: getattr(profile, name) for name in EXPERIENCE_FIELDS})
+
+    def copy_to(self, profile: UserProfile) -> bool:
+        """Set ``profile``'s experience fields to this; True when any of them changed."""
+        changed = False
+        for name in EXPERIENCE_FIELDS:
+            value = getattr(self, name)
+            if getattr(profile, name) != value:
+                setattr(profile, name, value)
+                changed = True
+        return changed
+
+
+def record_scan(
+    profile: UserProfile | DeliveryExperience, ts: int, event_id: str, open_shipments: int
+) -> None:
     """A shipment scan of this user was applied: freshness and orders in flight."""
     if ts >= profile.last_scan_ts:
         profile.last_scan_ts = ts
@@ -384,7 +443,9 @@ def record_scan(profile: UserProfile, ts: int, event_id: str, open_shipments: in
     profile.open_shipments = open_shipments
 
 
-def record_delivery(profile: UserProfile, transit_days: float, on_time: bool | None) -> None:
+def record_delivery(
+    profile: UserProfile | DeliveryExperience, transit_days: float, on_time: bool | None
+) -> None:
     """One of this user's shipments was delivered (``on_time`` None: it had no promise)."""
     profile.deliveries += 1
     profile.delivery_days_total += transit_days

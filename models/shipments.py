@@ -61,6 +61,7 @@ from typing import Any, get_args
 
 import orjson
 
+from models.profile import DeliveryExperience
 from schemas.events import LogisticsEvent, ShipmentStatus
 
 #: The contract's statuses, in journey order (one source of truth: schemas.events).
@@ -305,7 +306,7 @@ class ApplyOutcome:
 class ShipmentBook:
     """One user's shipments: open ones, recently completed ones, ids of older completions."""
 
-    __slots__ = ("completed", "done", "open", "user_id")
+    __slots__ = ("completed", "done", "experience", "open", "user_id")
 
     def __init__(self, user_id: str) -> None:
         self.user_id = user_id
@@ -313,6 +314,9 @@ class ShipmentBook:
         self.completed: dict[str, Shipment] = {}
         #: order_id -> [final status, completion ts] of completions no longer kept in full.
         self.done: dict[str, list[Any]] = {}
+        #: The user's delivery experience counted from the scans applied here (None in a
+        #: book stored before books kept it: the agent starts it from the profile's).
+        self.experience: DeliveryExperience | None = None
 
     def get(self, order_id: str) -> Shipment | None:
         return self.open.get(order_id) or self.completed.get(order_id)
@@ -383,6 +387,7 @@ class ShipmentBook:
                 "open": [asdict(s) for s in self.open.values()],
                 "completed": [asdict(s) for s in self.completed.values()],
                 "done": self.done,
+                "experience": None if self.experience is None else asdict(self.experience),
             }
         )
 
@@ -393,6 +398,8 @@ class ShipmentBook:
         book.open = {s["order_id"]: Shipment(**s) for s in data.get("open", ())}
         book.completed = {s["order_id"]: Shipment(**s) for s in data.get("completed", ())}
         book.done = dict(data.get("done", {}))
+        experience = data.get("experience")
+        book.experience = None if experience is None else DeliveryExperience(**experience)
         return book
 
 

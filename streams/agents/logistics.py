@@ -3,7 +3,8 @@
 Input: topic ``logistics`` (key user_id, co-partitioned with ``clicks``), micro-batches.
 State: table ``user_shipments`` (each user's :class:`models.shipments.ShipmentBook`: shipments
 in flight and recently completed, scans ordered by event time), table ``user_profiles``
-(delivery experience: deliveries, average days, late share, orders in flight), and the
+(delivery experience: deliveries, average days, late share, orders in flight; counted in the
+book and copied to the profile, so a replay heals a profile the crash left behind), and the
 worker's :class:`models.delivery_time.LogisticsEngine` (delivery-time model, customs
 statistics) and delivery lanes inside :class:`models.serving.ServingModels`.
 Outputs: Redis ``bf:shipment:{order_id}`` (status in the user's language, predicted and
@@ -29,7 +30,7 @@ import faust
 import orjson
 
 from models.delivery_time import ScanReport
-from models.profile import UserProfile, record_delivery, record_scan
+from models.profile import DeliveryExperience, UserProfile, record_delivery, record_scan
 from models.shipments import Shipment, ShipmentBook, status_text
 from schemas.events import LOGISTICS, LogisticsAlert, LogisticsEvent
 from streams.agents.repeats import Repeat, Repeats
@@ -157,6 +158,10 @@ async def process_scans(runtime: Runtime, events: Sequence[faust.EventT]) -> int
                     row = completion_row(shipment, scan.ts, ingested_at)
                     completions[shipment.order_id] = (event, row)
                 views[shipment.order_id] = shipment
+                # The profile's changelog record may not have got out with the book's, nor
+                # its state to Redis: both are rebuilt (Redis keeps a newer state).
+                _sync_profile(batch, book)
+                batch.experience_changed.add(scan.user_id)
             continue
         batch.changed_books.add(scan.user_id)
         views[shipment.order_id] = shipment
@@ -193,15 +198,39 @@ async def process_scans(runtime: Runtime, events: Sequence[faust.EventT]) -> int
 def _update_profile(
     batch: _Batch, scan: LogisticsEvent, book: ShipmentBook, report: ScanReport
 ) -> None:
-    profile = batch.profile(scan.user_id)
-    record_scan(profile, scan.ts, scan.event_id, len(book.open))
+    """Count an applied scan in the book's delivery experience, and copy that to the profile.
+
+    The count lives in the book (one table record with the scans it counts), not in the
+    profile: a crash can leave either table's changelog record behind the other, and the
+    scan read again then heals the profile (:func:`_sync_profile`) instead of being counted
+    in it twice or not at all."""
+    experience = _experience(batch, book)
+    record_scan(experience, scan.ts, scan.event_id, len(book.open))
     if report.delivered is not None:
-        record_delivery(profile, report.delivered.transit_days, report.delivered.on_time)
+        record_delivery(experience, report.delivered.transit_days, report.delivered.on_time)
     if report.returned:
-        profile.returned_shipments += 1
-    batch.changed_profiles.add(scan.user_id)
+        experience.returned_shipments += 1
+    _sync_profile(batch, book)
     if report.delivered is not None or report.returned:
         batch.experience_changed.add(scan.user_id)
+
+
+def _experience(batch: _Batch, book: ShipmentBook) -> DeliveryExperience:
+    if book.experience is None:
+        # A book stored before books kept the experience: the profile has counted it so far.
+        book.experience = DeliveryExperience.of(batch.profile(book.user_id))
+        batch.changed_books.add(book.user_id)
+    return book.experience
+
+
+def _sync_profile(batch: _Batch, book: ShipmentBook) -> None:
+    """Copy the book's delivery experience into the user's profile, if it differs."""
+    profile = batch.profile(book.user_id)
+    before = (profile.deliveries, profile.returned_shipments)
+    if _experience(batch, book).copy_to(profile):
+        batch.changed_profiles.add(book.user_id)
+        if (profile.deliveries, profile.returned_shipments) != before:
+            batch.experience_changed.add(book.user_id)
 
 
 def _watch_customs(watch: dict[str, list[Any]], shipment: Shipment) -> None:

@@ -69,8 +69,8 @@ VOLATILE_COLUMNS = frozenset({"ingested_at", "scored_at", "computed_at", "src_ne
 #: Counters that count repeated events: they may grow with duplicates, nothing else may.
 DUPLICATE_COUNTERS = frozenset({"labels_duplicate", "logistics_duplicates", "logistics_scans"})
 #: Where the agents' state keeps the Kafka position of each event it applied (it differs
-#: between runs, like ``src_next_offset``): profile field, and shipment scan row columns.
-PROFILE_POSITIONS = "recent_event_positions"
+#: between runs, like ``src_next_offset``): profile fields, and shipment scan row columns.
+PROFILE_POSITIONS = ("recent_event_positions", "applied_through")
 SCAN_ROW_FIELDS = 3  # [ts, status, event_id] (then partition, offset)
 
 
@@ -224,7 +224,8 @@ def without_positions(contents: dict[bytes, bytes], kind: str) -> dict[bytes, An
     for key, raw in contents.items():
         value = orjson.loads(raw)
         if kind == "profiles":
-            value.pop(PROFILE_POSITIONS, None)
+            for name in PROFILE_POSITIONS:
+                value.pop(name, None)
         else:
             for shipment in [*value.get("open", ()), *value.get("completed", ())]:
                 shipment["scans"] = [row[:SCAN_ROW_FIELDS] for row in shipment["scans"]]

@@ -350,3 +350,32 @@ def test_late_older_click_does_not_undo_a_newer_opt_out() -> None:
     profile = profile_from(click(T0 + 10 * MINUTE, personalisation=False))
     apply_click(profile, click(T0, personalisation=True))  # delivered late
     assert profile.personalisation is False
+
+
+def test_a_replay_longer_than_the_remembered_ids_is_recognised_by_its_offsets() -> None:
+    """After a crash a heavy user's replayed clicks can outnumber ``recent_event_ids``: those
+    whose ids were forgotten are still replays, since they are at or before the furthest
+    position applied on the user's partition."""
+    events = [click(T0 + i * MINUTE) for i in range(RECENT_EVENT_IDS * 2)]
+    profile = UserProfile.new("u1")
+    for offset, event in enumerate(events, start=100):
+        assert apply_click(profile, event, (2, offset)) is True
+    profile = UserProfile.from_bytes(profile.to_bytes())
+    assert events[0].event_id not in profile.recent_event_ids
+    for offset, event in enumerate(events, start=100):
+        assert apply_click(profile, event, (2, offset)) is False
+    assert profile.events == len(events)
+    # A new click further on is applied; the same offset on another partition is not a replay.
+    assert apply_click(profile, click(T0 + 999 * MINUTE), (2, 100 + len(events))) is True
+    assert apply_click(profile, click(T0 + 1000 * MINUTE), (3, 5)) is True
+    assert profile.applied_through == [3, 5]
+    assert profile.events == len(events) + 2
+
+
+def test_a_profile_stored_before_the_offset_watermark_still_loads() -> None:
+    stored = orjson.loads(profile_from(click(T0)).to_bytes())
+    del stored["applied_through"]
+    profile = UserProfile.from_bytes(orjson.dumps(stored))
+    assert not profile.covers((0, 0))
+    assert apply_click(profile, click(T0 + MINUTE), (0, 7)) is True
+    assert profile.covers((0, 7)) and not profile.covers((0, 8))
