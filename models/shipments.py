@@ -56,7 +56,7 @@ False
 from __future__ import annotations
 
 from bisect import bisect_right
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, get_args
 
 import orjson
@@ -384,10 +384,12 @@ class ShipmentBook:
         return orjson.dumps(
             {
                 "user_id": self.user_id,
-                "open": [asdict(s) for s in self.open.values()],
-                "completed": [asdict(s) for s in self.completed.values()],
+                # orjson writes dataclasses natively (the same fields as ``asdict``), without
+                # ``asdict``'s deep copy of every scan list: books are written every batch.
+                "open": list(self.open.values()),
+                "completed": list(self.completed.values()),
                 "done": self.done,
-                "experience": None if self.experience is None else asdict(self.experience),
+                "experience": self.experience,
             }
         )
 

@@ -165,6 +165,10 @@ class Settings(BaseSettings):
     #: How often (wall clock) each partition's fraud engine is checkpointed to Redis; the
     #: offsets of payments and labels are committed only once a checkpoint holds them.
     fraud_checkpoint_interval_s: float = Field(default=5.0, gt=0)
+    #: Checkpoints (fraud engines, serving models) are pickled on the event loop: a round is
+    #: skipped while the previous rounds would take more than this share of the loop's time
+    #: (large models are then saved less often than their interval says).
+    checkpoint_max_loop_share: float = Field(default=0.05, gt=0, le=1)
     #: Labels are applied to the model once payments' event time passes label time + this
     #: delay, which makes scores independent of how the two topics interleave on arrival.
     fraud_label_apply_delay_s: float = Field(default=3600.0, ge=0)

@@ -315,7 +315,26 @@ class _StateCollector:
         yield from self._clickhouse(runtime)
         yield from self._redis_writes(runtime)
         yield from self._models(runtime)
+        yield from self._checkpoints(runtime)
         yield self._duplicates(runtime)
+
+    def _checkpoints(self, runtime: Runtime) -> Iterator[Metric]:
+        spent = GaugeMetricFamily(
+            "borderflow_checkpoint_pickle_seconds",
+            "Event-loop time the last checkpoint round took to pickle its images, per kind.",
+            labels=["kind"],
+        )
+        skipped = CounterMetricFamily(
+            "borderflow_checkpoint_rounds_skipped",
+            "Timer rounds skipped to keep pickling below BORDERFLOW_CHECKPOINT_MAX_LOOP_SHARE "
+            "of the loop's time, per kind.",
+            labels=["kind"],
+        )
+        for kind, pacer in getattr(runtime, "checkpoint_pacers", {}).items():
+            spent.add_metric([kind], pacer.last_spent_s)
+            skipped.add_metric([kind], float(pacer.skipped))
+        yield spent
+        yield skipped
 
     def _duplicates(self, runtime: Runtime) -> Metric:
         family = CounterMetricFamily(

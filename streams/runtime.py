@@ -24,6 +24,7 @@ import faust
 import orjson
 from faust.types import TP
 
+from models.checkpoint import CheckpointPacer
 from models.fraud import AlertPolicy, FraudEngine
 from models.profile import UserProfile
 from models.rerank import RerankPolicy
@@ -79,6 +80,11 @@ class Runtime:
         )
         self.fraud_engines: dict[int, FraudEngine] = {}
         self._checkpoint_holds: dict[int, list[Any]] = {}
+        #: Keep the timers' checkpoint rounds below a share of the loop's time (per kind).
+        self.checkpoint_pacers = {
+            kind: CheckpointPacer(settings.checkpoint_max_loop_share)
+            for kind in ("fraud", "serving")
+        }
         self._engine_loads: dict[int, asyncio.Future[FraudEngine]] = {}
         #: Last offset seen per fraud-labels partition (to tell a caught-up label stream).
         self.label_offsets: dict[int, int] = {}
@@ -267,7 +273,13 @@ class Runtime:
         """
         if self._serving_load is None or not self._serving_load.done():
             return 0  # nothing learned yet, and an unloaded checkpoint must not be overwritten
-        blob = await asyncio.to_thread(ServingModels.compress_checkpoint, self.serving.pickle())
+        pacer = self.checkpoint_pacers["serving"]
+        if not pacer.due(time.monotonic()):
+            return 0
+        started = time.monotonic()
+        image = self.serving.pickle()
+        pacer.spent(time.monotonic() - started, time.monotonic())
+        blob = await asyncio.to_thread(ServingModels.compress_checkpoint, image)
         stats = self.serving.stats()
         try:
             await self.redis.save_serving_checkpoint(
@@ -373,9 +385,16 @@ class Runtime:
             held.append(event.message)
 
     async def checkpoint_fraud_engines(self, partitions: Iterable[int] | None = None) -> int:
-        """Checkpoint engines with unsaved work to Redis, then release their held offsets."""
+        """Checkpoint engines with unsaved work to Redis, then release their held offsets.
+
+        The timer's rounds (``partitions`` None) are paced (:class:`CheckpointPacer`); a
+        round asked for by partition (a rebalance) always runs."""
+        pacer = self.checkpoint_pacers["fraud"]
+        if partitions is None and not pacer.due(time.monotonic()):
+            return 0
         chosen = list(self._checkpoint_holds) if partitions is None else list(partitions)
         saved = 0
+        pickling_s = 0.0
         consumer = self.topology.app.consumer
         redis_down = False
         for partition in chosen:
@@ -388,7 +407,10 @@ class Runtime:
                 continue
             # Pickled on the event loop (the only place the engine changes), so the image is
             # consistent; compressed off the loop.
-            blob = await asyncio.to_thread(FraudEngine.compress_checkpoint, engine.pickle())
+            started = time.monotonic()
+            image = engine.pickle()
+            pickling_s += time.monotonic() - started
+            blob = await asyncio.to_thread(FraudEngine.compress_checkpoint, image)
             try:
                 await self.redis.save_checkpoint(
                     self.settings.app_id,
@@ -410,6 +432,8 @@ class Runtime:
             )
             for message in held:
                 message.ack(consumer)
+        if pickling_s:
+            pacer.spent(pickling_s, time.monotonic())
         return saved
 
     async def forget_fraud_engines(self, partitions: Iterable[int]) -> None:

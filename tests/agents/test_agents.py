@@ -12,6 +12,7 @@ import asyncio
 import base64
 import itertools
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -1292,6 +1293,26 @@ async def test_a_replay_heals_a_crash_between_the_two_tables_changelog_records(
     assert duplicates(harness.runtime) == Counter()
 
 
+async def test_a_book_stored_before_books_kept_the_experience_starts_from_the_profile(
+    harness: Harness,
+) -> None:
+    tables = harness.runtime.topology
+    await process_scans(
+        harness.runtime, [harness.event("logistics", scan("u1", "o1", "created", T0))]
+    )
+    old_book = orjson.loads(tables.user_shipments[b"u1"])
+    del old_book["experience"]
+    tables.user_shipments[b"u1"] = orjson.dumps(old_book)
+    profile = UserProfile.from_bytes(tables.user_profiles[b"u1"])
+    profile.deliveries, profile.delivery_days_total = 3, 9.0  # counted by the profile so far
+    tables.user_profiles[b"u1"] = profile.to_bytes()
+    delivered = scan("u1", "o1", "delivered", T0 + 2 * 86_400_000)
+    await process_scans(harness.runtime, [harness.event("logistics", delivered)])
+    profile = UserProfile.from_bytes(tables.user_profiles[b"u1"])
+    assert (profile.deliveries, profile.delivery_days_total) == (4, pytest.approx(11.0))
+    assert orjson.loads(tables.user_shipments[b"u1"])["experience"]["deliveries"] == 4
+
+
 # -- with the real writer thread ------------------------------------------------------------------
 
 
@@ -1378,3 +1399,19 @@ async def test_concurrent_first_use_of_a_partition_shares_one_engine(
         harness.runtime.fraud_engine(5), harness.runtime.fraud_engine(5)
     )
     assert first is second is harness.runtime.fraud_engines[5]
+
+
+async def test_fraud_checkpoint_rounds_are_paced_by_their_cost(harness: Harness) -> None:
+    runtime = harness.runtime
+    events = [harness.event("payments", payment("u1", T0), partition=1)]
+    await process_payments(runtime, events)
+    await harness.settle()
+    held = events[0].message.refcount
+    pacer = runtime.checkpoint_pacers["fraud"]
+    pacer.spent(3600.0, now=time.monotonic())  # as if the last round had pickled for an hour
+    assert await runtime.checkpoint_fraud_engines() == 0  # the timer's round waits
+    assert pacer.skipped == 1 and events[0].message.refcount == held  # offsets still held
+    # A round asked for by partition (a rebalance) is never skipped.
+    assert await runtime.checkpoint_fraud_engines([1]) == 1
+    assert events[0].message.refcount == held - 1
+    assert pacer.last_spent_s < 3600.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import orjson
@@ -9,6 +10,7 @@ import pytest
 
 from infra import generator
 from models import shipments
+from models.profile import DeliveryExperience
 from models.shipments import (
     MAX_COMPLETED,
     MAX_DONE,
@@ -171,9 +173,18 @@ def test_book_round_trips_through_json_bytes() -> None:
     book.apply(scan("x2", "customs_hold", 5, order="open"))
     book.open["open"].snapshots.append([T0, "created", 0, 0, 0, 0, 0, -1.0, 12.5])
     book.open["open"].alerted.append("customs_delay")
+    book.experience = DeliveryExperience(deliveries=1, delivery_days_total=2.5)
     raw = book.to_bytes()
-    assert isinstance(orjson.loads(raw), dict)
+    # Every field of every shipment, as ``dataclasses.asdict`` gives them.
+    assert orjson.loads(raw) == {
+        "user_id": "u1",
+        "open": [asdict(s) for s in book.open.values()],
+        "completed": [asdict(s) for s in book.completed.values()],
+        "done": book.done,
+        "experience": asdict(book.experience),
+    }
     again = ShipmentBook.from_bytes(raw)
+    assert again.experience == book.experience
     assert again.to_bytes() == raw
     assert again.open["open"].in_customs_hold and again.completed["done"].delivered_ts
     # The restored book keeps working: duplicates are still recognised.
