@@ -87,6 +87,7 @@ def create_worker_app(settings: Settings) -> tuple[faust.App, Runtime]:
     topology.app.on_partitions_assigned.connect(cast(Any, reread_positions_of_assigned))
 
     topology.app.task(_shorten_fetch_wait(topology.app, settings.consumer_fetch_max_wait_ms))
+    topology.app.task(_widen_producer_buffer(topology.app, settings.batch_max_events))
     topology.app.task(_quiet_debug_logging)
     topology.app.task(_freeze_startup_heap)
     return topology.app, runtime
@@ -120,6 +121,29 @@ async def _freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+#: Changelog records a worker may have queued for sending before intake pauses, per event of
+#: the largest micro-batch (each batch writes at most one record per user and table).
+CHANGELOG_BUFFER_PER_BATCH_EVENT = 4
+
+
+def _widen_producer_buffer(app: faust.App, batch_max_events: int) -> Callable[[], Awaitable[None]]:
+    """A start-up task that lets a micro-batch's table writes queue without stalling intake.
+
+    Faust pauses every input partition whenever more than 100 changelog records wait to be
+    sent (``ProducerBuffer.max_messages``), and then waits for them one by one (a timed
+    wait per record, logging "producer buffer full"). One micro-batch writes one record per
+    user and table, often several hundred: each batch stalled intake. The limit becomes a
+    multiple of the batch size, which still bounds the queue.
+    """
+
+    async def widen() -> None:
+        app.producer.buffer.max_messages = max(
+            app.producer.buffer.max_messages, batch_max_events * CHANGELOG_BUFFER_PER_BATCH_EVENT
+        )
+
+    return widen
 
 
 def _shorten_fetch_wait(app: faust.App, wait_ms: int) -> Callable[[], Awaitable[None]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from schemas.config import Settings
+from streams.app import CHANGELOG_BUFFER_PER_BATCH_EVENT, _widen_producer_buffer
 from streams.topology import build_app
 
 
@@ -30,3 +31,12 @@ def test_topics_faust_creates_get_the_configured_replication() -> None:
     assert build_app(Settings()).conf.topic_replication_factor == 1
     production = build_app(Settings(topic_replication_factor=3, topic_partitions=24)).conf
     assert (production.topic_replication_factor, production.topic_partitions) == (3, 24)
+
+
+async def test_a_micro_batch_of_table_writes_fits_the_changelog_buffer() -> None:
+    app = build_app(Settings())
+    assert app.producer.buffer.max_messages == 100  # Faust's: intake pauses beyond it
+    await _widen_producer_buffer(app, batch_max_events=1000)()
+    assert app.producer.buffer.max_messages == 1000 * CHANGELOG_BUFFER_PER_BATCH_EVENT
+    await _widen_producer_buffer(app, batch_max_events=10)()  # never narrower than Faust's
+    assert app.producer.buffer.max_messages == 1000 * CHANGELOG_BUFFER_PER_BATCH_EVENT
