@@ -211,6 +211,36 @@ def _percentiles(samples: list[float]) -> dict[str, float | int]:
     }
 
 
+#: The latency phase's workload gets one card-testing burst (one alert) per this many seconds.
+ALERT_BURST_EVERY_S = 0.5
+
+
+def card_testing_burst(ts: int, number: int) -> list[Message]:
+    """Four tiny charges and a large one on a new card within seconds, from event time ``ts``:
+    the fraud engine's card-testing rule alerts on the large one (whatever the model learned),
+    so every burst gives one produce-to-alert sample."""
+    user = f"bench-card-tester-{number}"
+    charges = [1.0, 1.0, 1.0, 1.0, 900.0]
+    messages = []
+    for i, amount in enumerate(charges):
+        value = {
+            "event_id": f"bench-burst-{number}-{i}",
+            "ts": ts + i * 1000,
+            "user_id": user,
+            "card_id": f"card-{user}",
+            "merchant_id": "bench-merchant",
+            "amount": amount,
+            "currency": "USD",
+            "billing_country": "DE",
+            "shipping_country": "DE",
+            "ip_country": "NG" if amount > 100 else "DE",
+            "device_id": f"device-{user}",
+        }
+        event = GeneratedEvent("payments", user, value, value["ts"])
+        messages.append(Message("payments", user, orjson.dumps(value), [event]))
+    return messages
+
+
 def measure_latency(
     settings: Settings,
     messages: list[Message],
@@ -224,11 +254,20 @@ def measure_latency(
     wanted = max(1, int(rate * seconds))
     workload: list[Message] = []
     n = 0
+    burst_every = max(1, int(rate * ALERT_BURST_EVERY_S))
+    next_burst = burst_every
     for message in messages:
         if n >= wanted:
             break
         workload.append(message)
         n += len(message.events)
+        if n >= next_burst:
+            # The shop's own fraud is rare in a few seconds of traffic: card-testing bursts
+            # make alerts to time (one per burst, from the engine's rules).
+            burst = card_testing_burst(message.events[-1].ts, next_burst // burst_every)
+            workload.extend(burst)
+            n += len(burst)
+            next_burst += burst_every
     produced_at: dict[str, float] = {}
     alert_latencies: list[float] = []
     stop_consuming = threading.Event()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import orjson
 
-from infra.bench import TRACKER_FLUSH_MS, pack_messages
+from infra.bench import TRACKER_FLUSH_MS, card_testing_burst, pack_messages
 from infra.generator import GeneratedEvent, GeneratorConfig, generate_to_list
+from models.fraud import FraudEngine
+from schemas.events import PaymentEvent
 
 
 def event(topic: str, user: str, ts: int, n: int) -> GeneratedEvent:
@@ -50,3 +52,13 @@ def test_a_tracker_flushes_after_its_interval_even_when_not_full() -> None:
         ["u2-2"],
         ["u1-3"],
     ]
+
+
+def test_each_latency_burst_makes_exactly_one_alert_on_its_large_charge() -> None:
+    engine = FraudEngine(threshold=0.8)  # the worker's default threshold is 0.8 too
+    for number in range(3):
+        burst = card_testing_burst(1_767_225_600_000 + number * 60_000, number)
+        payments = [PaymentEvent.model_validate_json(m.value) for m in burst]
+        assert {m.topic for m in burst} == {"payments"} and len({m.key for m in burst}) == 1
+        alerts = [s.is_alert for s in engine.score(payments)]
+        assert alerts == [False, False, False, False, True]
