@@ -1,9 +1,9 @@
 """``borderflow bench``: throughput and latency of the real pipeline on the running stack.
 
 Workload: the seeded generator (``GeneratorConfig(users=n_events // 100, days=12,
-seed=11)``), the first ``n_events`` events in event-time order: mostly clicks, with
-payments, fraud labels and logistics scans, every capability on. Each variant gets fresh
-topics, app id and Redis prefix, so runs never see each other's data.
+seed=11)``, or ``--users N``), the first ``n_events`` events in event-time order: mostly
+clicks, with payments, fraud labels and logistics scans, every capability on. Each variant
+gets fresh topics, app id and Redis prefix, so runs never see each other's data.
 
 1. **Throughput**, per variant (``naive`` then ``batched``, same process, same workload):
    the workload is produced to the topics first, then one worker is started; events/s is
@@ -223,9 +223,10 @@ def card_testing_burst(ts: int, number: int) -> list[Message]:
     charges = [1.0, 1.0, 1.0, 1.0, 900.0]
     messages = []
     for i, amount in enumerate(charges):
-        value = {
+        event_ts = ts + i * 1000
+        value: dict[str, Any] = {
             "event_id": f"bench-burst-{number}-{i}",
-            "ts": ts + i * 1000,
+            "ts": event_ts,
             "user_id": user,
             "card_id": f"card-{user}",
             "merchant_id": "bench-merchant",
@@ -236,7 +237,7 @@ def card_testing_burst(ts: int, number: int) -> list[Message]:
             "ip_country": "NG" if amount > 100 else "DE",
             "device_id": f"device-{user}",
         }
-        event = GeneratedEvent("payments", user, value, value["ts"])
+        event = GeneratedEvent("payments", user, value, event_ts)
         messages.append(Message("payments", user, orjson.dumps(value), [event]))
     return messages
 
@@ -389,6 +390,7 @@ def run_bench(
     latency_seconds: float,
     run_naive: bool,
     out: str | None,
+    n_users: int | None = None,
     events_per_message: int = 1,
     workers: int = 1,
     state_users: int = 0,
@@ -399,7 +401,9 @@ def run_bench(
     migrate(bench_settings)
     # The generator makes ~8.5 events per user and day: n/100 users over 12 days fill the
     # workload and reach past the 7-day settlement delay, so labels are part of the mix.
-    config = GeneratorConfig(users=max(100, n_events // 100), days=12, seed=11, max_events=n_events)
+    # More users (``n_users``) spread the same events over fewer days of event time.
+    users = n_users if n_users is not None else max(100, n_events // 100)
+    config = GeneratorConfig(users=users, days=12, seed=11, max_events=n_events)
     events = generate_to_list(config)
     messages = pack_messages(events, events_per_message)
     mix = Counter(event.topic for event in events)

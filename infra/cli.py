@@ -122,6 +122,14 @@ def _free_port() -> int:
     help="Also run the naive per-event pipeline on the same workload, and print the ratio.",
 )
 @click.option(
+    "--users",
+    "n_users",
+    default=None,
+    type=click.IntRange(1),
+    help="Users of the generated workload [default: events / 100, about 100 events each]. "
+    "More users means fewer of a user's clicks per micro-batch, so fewer are coalesced.",
+)
+@click.option(
     "--events-per-message",
     default=1,
     show_default=True,
@@ -154,6 +162,7 @@ def bench(
     n_events: int,
     latency_seconds: float,
     compare: bool,
+    n_users: int | None,
     events_per_message: int,
     workers: int,
     state_users: int,
@@ -168,6 +177,7 @@ def bench(
         latency_seconds=latency_seconds,
         run_naive=compare,
         out=out,
+        n_users=n_users,
         events_per_message=events_per_message,
         workers=workers,
         state_users=state_users,
