@@ -67,8 +67,8 @@ test: setup up migrate ## Start the stack, migrate, run the whole test suite.
 	$(PYTHON) -m pytest -q
 
 # Faults against a real worker (tests marked `chaos`, which `make test` leaves out): hostile
-# input, Redis and ClickHouse outages. Each prints one JSON line.
-chaos: setup up migrate ## Start the stack, migrate, run the chaos tests (hostile input, outages).
+# input, Redis and ClickHouse outages, worker SIGKILLs and takeover. Each prints one JSON line.
+chaos: setup up migrate ## Start the stack, migrate, run the chaos tests (hostile input, outages, kills).
 	$(PYTHON) -m pytest -q -s -m chaos tests/chaos
 
 demo: setup up migrate ## Start the stack, migrate, run the demo.
