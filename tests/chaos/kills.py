@@ -29,7 +29,7 @@ from infra.processes import WorkerProcess
 from models.fx import to_usd
 from schemas.config import Settings
 from schemas.events import CLICKS, FRAUD_LABELS, LOGISTICS, PAYMENTS
-from tests.integration.test_exactly_once_kill import rollup_truth
+from tests.integration.test_exactly_once_kill import rollup_mismatches
 
 REPO = Path(__file__).resolve().parents[2]
 INPUT_TOPICS = (CLICKS, PAYMENTS, FRAUD_LABELS, LOGISTICS)
@@ -340,41 +340,7 @@ def check_facts(facts: Facts, shop: Shop) -> dict[str, Any]:
 
 def check_rollups(facts: Facts, shop: Shop) -> dict[str, int]:
     """Keys that differ from the truth, per rollup (0 everywhere: exact)."""
-    per_minute, purchases = rollup_truth(shop.events)
-    per_hour: Counter[Any] = Counter()
-    for (minute, topic, kind, country), n in per_minute.items():
-        per_hour[(minute // 3600 * 3600, topic, kind, country)] += n
-
-    def differing(sql: str, truth: Counter[Any], width: int) -> int:
-        rows = facts.query(sql)
-        found = Counter({tuple(r[:width]): int(r[width]) for r in rows})
-        keys = set(found) | set(truth)
-        return sum(1 for k in keys if found.get(k, 0) != truth.get(k, 0))
-
-    out = {}
-    for name, grain, truth in (
-        ("events_per_minute", "minute", per_minute),
-        ("events_per_hour", "hour", per_hour),
-        ("activity_per_minute", "minute", per_minute),
-        ("activity_per_hour", "hour", per_hour),
-    ):
-        out[name] = differing(
-            f"SELECT toUInt32({grain}), topic, event_type, country, sum(events) "
-            f"FROM {name} GROUP BY {grain}, topic, event_type, country",
-            truth,
-            4,
-        )
-    out["segment_mix_per_hour"] = differing(
-        "SELECT toUInt32(hour), country, sum(purchases) FROM segment_mix_per_hour "
-        "GROUP BY hour, country",
-        purchases,
-        2,
-    )
-    [(revenue,)] = facts.query(
-        "SELECT sum(amount_usd) FROM events_per_minute WHERE topic = 'clicks'"
-    )
-    out["revenue_usd"] = int(abs(float(revenue) - shop.revenue_usd) > 1e-6 * shop.revenue_usd)
-    return out
+    return rollup_mismatches(facts.query, shop.events, shop.revenue_usd)
 
 
 # --------------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ from tests.chaos.outages import (
     redis_behind,
     redis_meta,
 )
-from tests.integration.test_exactly_once_kill import rollup_truth
+from tests.integration.test_exactly_once_kill import rollup_mismatches
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.timeout(2700)]
 
@@ -331,44 +331,12 @@ def check_facts(client: Any, shop: Shop) -> dict[str, dict[str, Any]]:
 
 def check_rollups(client: Any, shop: Shop) -> dict[str, int]:
     """Groups of each rollup that differ from the truth computed from the sent events."""
-    per_minute, purchases = rollup_truth(shop.values)
-    per_hour: Counter[Any] = Counter()
-    for (minute, topic, kind, country), n in per_minute.items():
-        per_hour[(minute // 3600 * 3600, topic, kind, country)] += n
-
-    def differing(sql: str, truth: Counter[Any], width: int) -> int:
-        got = Counter({tuple(r[:width]): r[width] for r in client.execute(sql)})
-        return sum(1 for key in set(got) | set(truth) if got.get(key, 0) != truth.get(key, 0))
-
-    mismatches = {}
-    for table, grain, truth in (
-        ("events_per_minute", "minute", per_minute),
-        ("events_per_hour", "hour", per_hour),
-        ("activity_per_minute", "minute", per_minute),
-        ("activity_per_hour", "hour", per_hour),
-    ):
-        mismatches[table] = differing(
-            f"SELECT toUInt32({grain}), topic, event_type, country, sum(events) "
-            f"FROM {table} GROUP BY {grain}, topic, event_type, country",
-            truth,
-            4,
-        )
-    mismatches["segment_mix_per_hour"] = differing(
-        "SELECT toUInt32(hour), country, sum(purchases) FROM segment_mix_per_hour "
-        "GROUP BY hour, country",
-        purchases,
-        2,
-    )
-    [(revenue,)] = client.execute(
-        "SELECT sum(amount_usd) FROM events_per_minute WHERE topic = 'clicks'"
-    )
     expected = sum(
         to_usd(c["price"], c["currency"]) or 0.0
         for c in shop.values["clicks"]
         if c["type"] == "purchase" and c.get("price") and c.get("currency")
     )
-    mismatches["revenue_usd"] = int(abs(revenue - expected) > 1e-6 * max(1.0, expected))
-    return mismatches
+    return rollup_mismatches(client.execute, shop.values, expected)
 
 
 def check_redis(run: Run) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import signal
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,47 @@ def rollup_truth(events: dict[str, list[dict[str, Any]]]) -> tuple[Counter[Any],
             (scan["ts"] // MINUTE * 60, "logistics", scan["status"], scan["dest_country"])
         ] += 1
     return per_minute, purchases
+
+
+def rollup_mismatches(
+    query: Callable[[str], list[tuple[Any, ...]]],
+    events: dict[str, list[dict[str, Any]]],
+    revenue_usd: float,
+) -> dict[str, int]:
+    """Per rollup, the groups that differ from the truth of ``events`` (0 everywhere: exact);
+    ``query`` runs SQL on the run's database, ``revenue_usd`` is the purchases' true sum."""
+    per_minute, purchases = rollup_truth(events)
+    per_hour: Counter[Any] = Counter()
+    for (minute, topic, kind, country), n in per_minute.items():
+        per_hour[(minute // 3600 * 3600, topic, kind, country)] += n
+
+    def differing(sql: str, truth: Counter[Any], width: int) -> int:
+        got = Counter({tuple(r[:width]): int(r[width]) for r in query(sql)})
+        return sum(1 for key in set(got) | set(truth) if got.get(key, 0) != truth.get(key, 0))
+
+    mismatches = {}
+    for table, grain, truth in (
+        ("events_per_minute", "minute", per_minute),
+        ("events_per_hour", "hour", per_hour),
+        ("activity_per_minute", "minute", per_minute),
+        ("activity_per_hour", "hour", per_hour),
+    ):
+        mismatches[table] = differing(
+            f"SELECT toUInt32({grain}), topic, event_type, country, sum(events) "
+            f"FROM {table} GROUP BY {grain}, topic, event_type, country",
+            truth,
+            4,
+        )
+    mismatches["segment_mix_per_hour"] = differing(
+        "SELECT toUInt32(hour), country, sum(purchases) FROM segment_mix_per_hour "
+        "GROUP BY hour, country",
+        purchases,
+        2,
+    )
+    [(revenue,)] = query("SELECT sum(amount_usd) FROM events_per_minute WHERE topic = 'clicks'")
+    off = abs(float(revenue) - revenue_usd) > 1e-6 * max(1.0, revenue_usd)
+    mismatches["revenue_usd"] = int(off)
+    return mismatches
 
 
 def test_counts_and_rollups_are_exact_after_three_sigkills(stack: Settings, tmp_path: Path) -> None:
